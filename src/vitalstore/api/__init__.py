@@ -1,0 +1,1 @@
+"""Route handlers only: thin wrappers over readings, ingest and queries."""

@@ -1,0 +1,57 @@
+"""Helpers every route module uses: the services, error answers, query parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from litestar import Response
+from litestar.datastructures import State
+
+from vitalstore.readings import parse_time
+from vitalstore.services import Services
+
+
+def services_of(state: State) -> Services:
+    services: Services = state.services
+    return services
+
+
+def error(status: int, message: str, *, headers: Mapping[str, str] | None = None,
+          **extra: Any) -> Response[Any]:
+    """An error answer: `{"error": message, ...}`."""
+    return Response({"error": message, **extra}, status_code=status, headers=headers)
+
+
+class BadQuery(ValueError):
+    """A query parameter that cannot be used: 422 naming the parameter."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+def query_time(name: str, value: str | None, default: datetime) -> datetime:
+    if value is None or value == "":
+        return default
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise BadQuery(name, str(exc)) from None
+
+
+def query_int(name: str, value: str | None, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadQuery(name, "must be an integer") from None
+    if not low <= number <= high:
+        raise BadQuery(name, f"must be between {low} and {high}")
+    return number
+
+
+def bad_query(exc: BadQuery) -> Response[Any]:
+    return error(422, str(exc), parameter=exc.parameter)

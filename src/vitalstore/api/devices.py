@@ -1,0 +1,263 @@
+"""Reads: the device registry, latest values, history, and the old `GET /vital-data`."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get
+from litestar.datastructures import State
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from vitalstore import queries
+from vitalstore.api.common import BadQuery, bad_query, error, query_int, query_time, services_of
+from vitalstore.queries import BadCursor, decode_cursor, encode_cursor
+from vitalstore.services import Services
+
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+EXPORT_PAGE = 1000
+
+OptionalQuery = Annotated[str | None, Parameter(required=False)]
+
+
+class MetricValue(msgspec.Struct):
+    value: float
+    timestamp: str
+
+
+class LatestObject(msgspec.Struct):
+    device: str
+    last_seen: str
+    metrics: dict[str, MetricValue]
+
+
+class LatestPage(msgspec.Struct):
+    items: list[LatestObject]
+    next_cursor: str | None
+
+
+class DeviceItem(msgspec.Struct):
+    device: str
+    first_seen: str
+    last_seen: str
+
+
+class DevicePage(msgspec.Struct):
+    items: list[DeviceItem]
+    next_cursor: str | None
+
+
+class HistoryItem(msgspec.Struct):
+    timestamp: str
+    metrics: dict[str, float]
+    attributes: dict[str, Any]
+
+
+class HistoryPage(msgspec.Struct):
+    items: list[HistoryItem]
+    next_cursor: str | None
+
+
+class CompatPage(msgspec.Struct):
+    total: int
+    resources: list[dict[str, Any]]
+
+
+def _cursor(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        return decode_cursor(value)
+    except BadCursor:
+        raise BadQuery("cursor", "invalid cursor") from None
+
+
+def _device_item(device: queries.Device) -> dict[str, str]:
+    return {"device": device.name, "first_seen": queries.datetime_to_rfc3339(device.first_seen),
+            "last_seen": queries.datetime_to_rfc3339(device.last_seen)}
+
+
+@get("/v1/devices", summary="Devices by id, with first and last reading times")
+async def list_devices(state: State, prefix: OptionalQuery = None, limit: OptionalQuery = None,
+                       cursor: OptionalQuery = None) -> Response[DevicePage]:
+    services = services_of(state)
+    try:
+        size = query_int("limit", limit, 100, 1, 1000)
+        after = _cursor(cursor)
+    except BadQuery as exc:
+        return bad_query(exc)
+    found = await queries.list_devices(services.pool, prefix=prefix or "", limit=size,
+                                       after=after)
+    next_cursor = encode_cursor(found[size - 1].name) if len(found) > size else None
+    return Response({"items": [_device_item(d) for d in found[:size]],
+                     "next_cursor": next_cursor})  # type: ignore[arg-type]
+
+
+@get("/v1/devices/{device:str}/latest", summary="Latest value of each metric of a device")
+async def device_latest(state: State, device: str) -> Response[LatestObject]:
+    found = await queries.latest(services_of(state).pool, [device])
+    if not found:
+        return error(404, f"unknown device {device!r}")
+    return Response(found[0])  # type: ignore[arg-type]
+
+
+@get("/v1/latest", summary="Latest values of several devices (by id, or all by page)")
+async def bulk_latest(state: State, device: Annotated[list[str] | None, Parameter(
+        required=False)] = None, limit: OptionalQuery = None,
+        cursor: OptionalQuery = None) -> Response[LatestPage]:
+    services = services_of(state)
+    if device:
+        if len(device) > 1000:
+            return error(422, "at most 1000 device ids", parameter="device")
+        items = await queries.latest(services.pool, sorted(set(device)))
+        return Response({"items": items, "next_cursor": None})  # type: ignore[arg-type]
+    try:
+        size = query_int("limit", limit, 100, 1, 1000)
+        after = _cursor(cursor)
+    except BadQuery as exc:
+        return bad_query(exc)
+    page = await queries.list_devices(services.pool, prefix="", limit=size, after=after)
+    items = await queries.latest(services.pool, [d.name for d in page[:size]])
+    next_cursor = encode_cursor(page[size - 1].name) if len(page) > size else None
+    return Response({"items": items, "next_cursor": next_cursor})  # type: ignore[arg-type]
+
+
+class _HistoryQuery(msgspec.Struct):
+    device_id: int
+    start: datetime
+    end: datetime
+    metric_ids: dict[int, str] | None
+    descending: bool
+
+
+async def _history_query(services: Services, device_id: int, from_: str | None,
+                         to: str | None, metrics: str | None, order: str | None
+                         ) -> _HistoryQuery:
+    start = query_time("from", from_, EARLIEST)
+    end = query_time("to", to, LATEST)
+    if order not in (None, "", "asc", "desc"):
+        raise BadQuery("order", "must be asc or desc")
+    metric_ids = None
+    if metrics:
+        names = [name for name in metrics.split(",") if name]
+        known = await services.metric_ids.ids(services.pool, names, create=False)
+        metric_ids = {metric_id: name for name, metric_id in known.items()}
+    return _HistoryQuery(device_id, start, end, metric_ids, order == "desc")
+
+
+async def _page(services: Services, q: _HistoryQuery, limit: int,
+                after: datetime | None) -> tuple[list[queries.HistoryItem], bool]:
+    start, end = q.start, q.end
+    if after is not None:
+        if q.descending:
+            end = min(end, after)
+        else:
+            start = max(start, after + queries.ONE_MICROSECOND)
+    if q.metric_ids is not None and not q.metric_ids:
+        return [], False
+    all_names = await services.metric_ids.names(
+        services.pool, await queries.device_metric_ids(services.pool, q.device_id))
+    return await queries.history_page(
+        services.pool, device_id=q.device_id, start=start, end=end, metric_ids=q.metric_ids,
+        metric_names=all_names, descending=q.descending, limit=limit)
+
+
+@get("/v1/devices/{device:str}/readings",
+     summary="Readings of a device in [from, to); JSON pages, or NDJSON/CSV export")
+async def device_readings(
+    request: Request[Any, Any, Any], state: State, device: str,
+    from_: Annotated[str | None, Parameter(query="from", required=False)] = None,
+    to: OptionalQuery = None, metrics: OptionalQuery = None, order: OptionalQuery = None,
+    limit: OptionalQuery = None, cursor: OptionalQuery = None,
+) -> Response[HistoryPage]:
+    services = services_of(state)
+    found = await queries.find_device(services.pool, device)
+    if found is None:
+        return error(404, f"unknown device {device!r}")
+    try:
+        q = await _history_query(services, found.id, from_, to, metrics, order)
+        size = query_int("limit", limit, 1000, 1, 10_000)
+        after_text = _cursor(cursor)
+        after = datetime.fromisoformat(after_text) if after_text else None
+    except BadQuery as exc:
+        return bad_query(exc)
+    except ValueError:
+        return error(422, "cursor: invalid cursor", parameter="cursor")
+    accept = request.headers.get("accept", "")
+    if "application/x-ndjson" in accept:
+        return Stream(_export_ndjson(services, q), media_type="application/x-ndjson")
+    if "text/csv" in accept:
+        return Stream(_export_csv(services, q), media_type="text/csv")
+    items, more = await _page(services, q, size, after)
+    next_cursor = encode_cursor(items[-1].ts.isoformat()) if more else None
+    return Response({"items": [i.to_json() for i in items],  # type: ignore[arg-type]
+                     "next_cursor": next_cursor})
+
+
+async def _all_items(services: Services, q: _HistoryQuery
+                     ) -> AsyncIterator[queries.HistoryItem]:
+    """Every reading of the range, a page at a time: constant memory for any range."""
+    after = None
+    while True:
+        items, more = await _page(services, q, EXPORT_PAGE, after)
+        for item in items:
+            yield item
+        if not more:
+            return
+        after = items[-1].ts
+
+
+async def _export_ndjson(services: Services, q: _HistoryQuery) -> AsyncIterator[bytes]:
+    encoder = msgspec.json.Encoder()
+    async for item in _all_items(services, q):
+        yield encoder.encode(item.to_json()) + b"\n"
+
+
+async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str]:
+    if q.metric_ids is not None:
+        names = sorted(q.metric_ids.values())
+    else:
+        ids = await queries.device_metric_ids(services.pool, q.device_id)
+        names = sorted((await services.metric_ids.names(services.pool, ids)).values())
+    buffer = io.StringIO()
+    out = csv.writer(buffer, lineterminator="\n")
+    out.writerow(["timestamp", *names, "attributes"])
+    encoder = msgspec.json.Encoder()
+    async for item in _all_items(services, q):
+        attributes = encoder.encode(item.attributes).decode() if item.attributes else ""
+        out.writerow([queries.datetime_to_rfc3339(item.ts),
+                      *(item.metrics.get(name, "") for name in names), attributes])
+        if buffer.tell() > 65536:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+@get("/vital-data", summary="Compatibility: devices with their latest values (old API)")
+async def get_vital_data(
+    state: State, count: OptionalQuery = None, offset: OptionalQuery = None,
+    sort_by: Annotated[str | None, Parameter(query="sortBy", required=False)] = None,
+    order_by: Annotated[str | None, Parameter(query="orderBy", required=False)] = None,
+) -> Response[CompatPage]:
+    try:
+        size = query_int("count", count, 20, 1, 100)
+        skip = query_int("offset", offset, 0, 0, 10_000_000)
+    except BadQuery as exc:
+        return Response({"status": "error", "message": str(exc)}, status_code=400)
+    if order_by not in (None, "", "asc", "desc"):
+        return Response({"status": "error", "message": "orderBy: must be asc or desc"},
+                        status_code=400)
+    total, resources = await queries.compat_page(
+        services_of(state).pool, sort_by=sort_by or "timestamp",
+        descending=order_by != "asc", count=size, offset=skip)
+    return Response({"total": total, "resources": resources})  # type: ignore[arg-type]
+
+
+ROUTES = [list_devices, device_latest, bulk_latest, device_readings, get_vital_data]

@@ -1,0 +1,174 @@
+"""POST /v1/readings, and POST /vital-data for clients of the system we replace."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.datastructures import State
+from litestar.exceptions import ClientException
+
+from vitalstore.api.common import error, services_of
+from vitalstore.services import Services
+from vitalstore.ingest import Overloaded, Rejected, Unavailable
+from vitalstore.readings import InvalidItems, ItemError, MalformedBody, TooManyItems
+from vitalstore.writer import CONNECTION_ERRORS, to_rows
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+class BodyProblem(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Accepted(msgspec.Struct):
+    accepted: int
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """gunzip with a cap on the inflated size, checked while inflating (a bomb stays small)."""
+    inflater = zlib.decompressobj(wbits=31)
+    out = bytearray()
+    pending = data
+    try:
+        while pending and not inflater.eof:
+            out += inflater.decompress(pending, limit + 1 - len(out))
+            if len(out) > limit:
+                raise BodyProblem(413, f"body inflates to more than {limit} bytes")
+            pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise BodyProblem(400, f"malformed gzip body: {exc}") from None
+    if not inflater.eof:
+        raise BodyProblem(400, "truncated gzip body")
+    return bytes(out)
+
+
+async def read_body(request: Request[Any, Any, Any], max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, decompressed, within the size limit and the time allowed."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise BodyProblem(413, f"body larger than {max_bytes} bytes")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", ""):
+        raise BodyProblem(415, f"unsupported Content-Encoding {encoding!r}; use gzip")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BodyProblem(413, f"body larger than {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyProblem(408, f"body not received within {timeout_s:g} s") from None
+    except ClientException as exc:  # Litestar's own size limit
+        raise BodyProblem(exc.status_code, str(exc.detail)) from None
+    body = b"".join(chunks)
+    if encoding == "gzip":
+        body = _inflate(body, max_bytes)
+    return body
+
+
+def _media_type(request: Request[Any, Any, Any]) -> str:
+    return request.headers.get("content-type", JSON).split(";", 1)[0].strip().lower()
+
+
+async def ingest(request: Request[Any, Any, Any], services: Services) -> int:
+    """Validate, resolve ids, and wait for the commit; returns how many readings were stored.
+
+    Raises BodyProblem, MalformedBody, TooManyItems, InvalidItems, Overloaded, Unavailable or
+    Rejected; nothing of the request is stored unless it returns.
+    """
+    settings = services.settings
+    media_type = _media_type(request)
+    if media_type not in (JSON, NDJSON):
+        raise BodyProblem(415, f"unsupported Content-Type {media_type!r}; use {JSON} or {NDJSON}")
+    batcher = services.batcher
+    # Refuse before reading the body: a full buffer answers at once.
+    if batcher.full:
+        raise Overloaded("ingest buffer full")
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    readings = services.validator.decode(body, media_type)
+    if not readings:
+        return 0
+    try:
+        device_ids = await services.device_ids.ids(
+            services.pool, {r.device for r in readings}, create=True)
+        metric_ids = await services.metric_ids.ids(
+            services.pool, {name for r in readings for name, _ in r.metrics}, create=True)
+    except CONNECTION_ERRORS as exc:
+        raise Unavailable("database unavailable") from exc
+    await batcher.submit(to_rows(readings, device_ids, metric_ids))
+    return len(readings)
+
+
+def _item_errors(errors: list[ItemError]) -> list[dict[str, Any]]:
+    return [msgspec.structs.asdict(e) for e in errors]
+
+
+@post("/v1/readings", status_code=202, summary="Store readings; answers after they commit")
+async def post_readings(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """One reading object or an array of them (JSON), or one per line (NDJSON); gzip allowed."""
+    try:
+        accepted = await ingest(request, services_of(state))
+    except BodyProblem as exc:
+        return error(exc.status, str(exc))
+    except MalformedBody as exc:
+        return error(400, str(exc))
+    except TooManyItems as exc:
+        return error(413, str(exc))
+    except InvalidItems as exc:
+        return Response({"errors": _item_errors(exc.errors)}, status_code=422)
+    except Rejected as exc:
+        return Response({"errors": [{"index": -1, "field": "", "message": str(exc)}]},
+                        status_code=422)
+    except (Overloaded, Unavailable) as exc:
+        return error(503, str(exc), headers=RETRY_AFTER)
+    return Response(Accepted(accepted), status_code=202)
+
+
+@post("/vital-data", status_code=202, summary="Compatibility: store readings (old API)")
+async def post_vital_data(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """The replaced system's ingest route, now durable: 202 only after commit."""
+    try:
+        await ingest(request, services_of(state))
+    except BodyProblem as exc:
+        if exc.status in (413, 415, 408):
+            return error(exc.status, str(exc))
+        return _compat_invalid([str(exc)])
+    except (MalformedBody, TooManyItems) as exc:
+        return _compat_invalid([str(exc)])
+    except InvalidItems as exc:
+        return _compat_invalid(_item_errors(exc.errors))
+    except Rejected as exc:
+        return _compat_invalid([str(exc)])
+    except (Overloaded, Unavailable) as exc:
+        return error(503, str(exc), headers=RETRY_AFTER)
+    return Response({"status": "accepted"}, status_code=202)
+
+
+def _compat_invalid(issues: list[Any]) -> Response[Any]:
+    return Response({"status": "error", "message": "Invalid payload", "issues": issues},
+                    status_code=400)
+
+
+@post("/bench/noop", status_code=202, include_in_schema=False)
+async def post_noop(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """Benchmark reference: read, decode and validate like /v1/readings, store nothing."""
+    services = services_of(state)
+    body = await read_body(request, services.settings.max_body_bytes,
+                           services.settings.body_timeout_s)
+    readings = services.validator.decode(body, _media_type(request))
+    return Response(Accepted(len(readings)), status_code=202)
+
+
+ROUTES = [post_readings, post_vital_data]
+BENCH_ROUTES = [post_noop]

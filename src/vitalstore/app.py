@@ -1,0 +1,106 @@
+"""The application factory: create_app(settings) -> Litestar."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import msgspec
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+
+from vitalstore import writer
+from vitalstore.api import devices, ingest, ops
+from vitalstore.ingest import Batcher
+from vitalstore.readings import Validator
+from vitalstore.services import Services
+from vitalstore.settings import Settings
+from vitalstore.writer import NameIds
+
+log = logging.getLogger(__name__)
+
+ALEMBIC_INI = Path(__file__).resolve().parents[2] / "alembic.ini"
+
+
+class NotDurable(RuntimeError):
+    """The database would acknowledge commits that a crash can lose."""
+
+
+async def _init_read_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=msgspec.json.encode,
+                              decoder=msgspec.json.decode, format="text")
+
+
+async def check_durability(conn: asyncpg.Connection) -> None:
+    """Refuse to run where a commit is not durable: a 202 must survive a crash."""
+    for setting in ("fsync", "synchronous_commit"):
+        if await conn.fetchval(f"SHOW {setting}") == "off":
+            raise NotDurable(
+                f"PostgreSQL has {setting}=off: acknowledged readings could be lost in a crash;"
+                f" vitalstore refuses to start (set {setting}=on)"
+            )
+
+
+def schema_head() -> str | None:
+    """The newest Alembic revision shipped with this code."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    if not ALEMBIC_INI.exists():
+        return None
+    return ScriptDirectory.from_config(Config(str(ALEMBIC_INI))).get_current_head()
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the service; resources are opened in the lifespan and closed in its `finally`."""
+    settings = settings or Settings.from_env()
+
+    async def connect_writer() -> asyncpg.Connection:
+        conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
+        await writer.init_writer_connection(conn)
+        if not settings.rollups:
+            await conn.execute("SET vitalstore.rollups = off")
+        return conn
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pool = await asyncpg.create_pool(
+            settings.asyncpg_dsn, min_size=1, max_size=settings.read_pool_size,
+            init=_init_read_connection, timeout=5, command_timeout=60,
+        )
+        try:
+            async with pool.acquire() as conn:
+                await check_durability(conn)
+            batcher = Batcher(settings, connect_writer)
+            await batcher.start()
+            app.state.services = Services(
+                settings=settings,
+                validator=Validator(max_items=settings.max_items,
+                                    max_future_skew_s=settings.max_future_skew_s),
+                pool=pool,
+                batcher=batcher,
+                device_ids=NameIds("devices"),
+                metric_ids=NameIds("metrics"),
+                schema_head=schema_head(),
+            )
+            try:
+                yield
+            finally:
+                # Granian runs this after it stops serving: what is buffered is flushed here.
+                await batcher.close()
+        finally:
+            await pool.close()
+
+    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES]
+    if settings.bench_routes:
+        route_handlers += ingest.BENCH_ROUTES
+    return Litestar(
+        route_handlers=route_handlers,
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(title="vitalstore", version="0.1.0", path="/schema"),
+        request_max_body_size=settings.max_body_bytes,
+        debug=False,
+    )

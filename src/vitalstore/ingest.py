@@ -1,0 +1,291 @@
+"""The group-commit batcher: a bounded buffer, flushes by size or time, ack after commit.
+
+Requests hand over their rows and wait. Writer tasks, each with its own connection, take
+whole requests from the queue (never splitting one), write them in one transaction, and
+resolve each waiting request when that transaction commits, or fail it so it answers 503.
+Several writers overlap their flushes: one collects while another waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from vitalstore import writer
+from vitalstore.settings import Settings
+from vitalstore.writer import Rows
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The buffer is full: 503, retry soon."""
+
+
+class Unavailable(Exception):
+    """The database cannot be reached, or the service is shutting down: 503."""
+
+
+class Rejected(Exception):
+    """The database refused this request's data: 422."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    rows: Rows
+    future: asyncio.Future[None]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+FlushObserver = Callable[[int, int, float, str], None]
+"""Called after each flush with (requests, readings, seconds, outcome)."""
+
+
+class Batcher:
+    """Group commit over `settings.writer_connections` connections."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        observe: FlushObserver | None = None,
+    ) -> None:
+        self._settings = settings
+        self._connect = connect
+        self._observe = observe
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_readings = 0
+        self._buffered = 0  # readings queued or being flushed, not yet answered
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._available = True
+        self._probe: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._connections: list[asyncpg.Connection | None] = []
+
+    @property
+    def buffered(self) -> int:
+        """Readings accepted into the buffer and not yet answered."""
+        return self._buffered
+
+    @property
+    def full(self) -> bool:
+        return self._buffered >= self._settings.buffer_max_readings
+
+    @property
+    def available(self) -> bool:
+        return self._available and not self._closing
+
+    async def start(self) -> None:
+        """Open the writer connections and start the writer tasks."""
+        count = self._settings.writer_connections
+        self._connections = [None] * count
+        for index in range(count):
+            try:
+                self._connections[index] = await self._connect()
+            except writer.CONNECTION_ERRORS as exc:
+                log.warning("database not reachable at start (%s); will retry", exc)
+                self._set_unavailable()
+        self._workers = [
+            asyncio.create_task(self._run(index), name=f"writer-{index}")
+            for index in range(count)
+        ]
+
+    async def submit(self, rows: Rows) -> None:
+        """Wait until `rows` are committed. Raises Overloaded, Unavailable or Rejected."""
+        if self._closing:
+            raise Unavailable("shutting down")
+        if not self._available:
+            raise Unavailable("database unavailable")
+        if self._buffered + rows.readings > self._settings.buffer_max_readings:
+            raise Overloaded("ingest buffer full")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(rows, future))
+        self._queued_readings += rows.readings
+        self._buffered += rows.readings
+        future.add_done_callback(functools.partial(self._release, rows.readings))
+        self._wakeup.set()
+        # Shielded: a client that goes away does not cancel its rows' flush.
+        await asyncio.shield(future)
+
+    def _release(self, readings: int, future: asyncio.Future[None]) -> None:
+        self._buffered -= readings
+        if not future.cancelled():
+            future.exception()  # retrieved: a client that went away leaves no warning
+
+    async def close(self) -> None:
+        """Stop taking requests, flush and answer everything buffered, close connections."""
+        self._closing = True
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(self._settings.shutdown_timeout_s):
+                await asyncio.gather(*self._workers, return_exceptions=True)
+        except TimeoutError:
+            log.error("shutdown timeout: %d readings not flushed", self._queued_readings)
+            for task in self._workers:
+                task.cancel()
+            self._fail_queue(Unavailable("shutting down"))
+        if self._probe is not None:
+            self._probe.cancel()
+        for conn in self._connections:
+            if conn is not None and not conn.is_closed():
+                await conn.close(timeout=2)
+
+    # -- writers ------------------------------------------------------------------------
+
+    async def _run(self, index: int) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            conn = await self._connection(index)
+            if conn is None:
+                self._fail(batch, Unavailable("database unavailable"))
+                continue
+            await self._flush(index, conn, batch)
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        """Whole requests up to the flush size, gathered for at most the flush interval."""
+        settings = self._settings
+        interval = settings.flush_interval_ms / 1000
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            wait = self._queue[0].enqueued + interval - time.monotonic()
+            if wait > 0 and self._queued_readings < settings.flush_max_readings \
+                    and not self._closing:
+                await asyncio.sleep(wait)
+                if not self._queue:
+                    continue
+            batch = [self._queue.popleft()]
+            taken = batch[0].rows.readings
+            while self._queue and taken + self._queue[0].rows.readings <= \
+                    settings.flush_max_readings:
+                pending = self._queue.popleft()
+                batch.append(pending)
+                taken += pending.rows.readings
+            self._queued_readings -= taken
+            if self._queue:
+                self._wakeup.set()  # another writer can start on the rest now
+            return batch
+
+    async def _connection(self, index: int) -> asyncpg.Connection | None:
+        conn = self._connections[index]
+        if conn is not None and not conn.is_closed():
+            return conn
+        try:
+            conn = await self._connect()
+        except writer.CONNECTION_ERRORS as exc:
+            log.warning("database connection failed: %s", exc)
+            self._set_unavailable()
+            return None
+        self._connections[index] = conn
+        return conn
+
+    async def _flush(self, index: int, conn: asyncpg.Connection, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        rows = batch[0].rows
+        if len(batch) > 1:
+            rows = Rows()
+            for pending in batch:
+                rows.extend(pending.rows)
+        outcome = "ok"
+        try:
+            await self._write(conn, rows)
+        except writer.DATA_ERRORS as exc:
+            outcome = "rejected"
+            await self._isolate(conn, batch, exc)
+        except (*writer.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            outcome = "failed"
+            # Logged once per flush, not once per request.
+            log.error("flush of %d readings failed: %s: %s", rows.readings,
+                      type(exc).__name__, exc)
+            if isinstance(exc, writer.CONNECTION_ERRORS) or conn.is_closed():
+                conn.terminate()
+                self._connections[index] = None
+                self._set_unavailable()
+            self._fail(batch, Unavailable("database unavailable"))
+        else:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_result(None)
+        if self._observe is not None:
+            self._observe(len(batch), rows.readings, time.perf_counter() - started, outcome)
+
+    async def _write(self, conn: asyncpg.Connection, rows: Rows) -> None:
+        async with asyncio.timeout(self._settings.flush_timeout_s):
+            try:
+                await writer.write(conn, rows)
+            except writer.TRANSIENT_ERRORS:
+                await writer.write(conn, rows)
+
+    async def _isolate(self, conn: asyncpg.Connection, batch: list[_Pending],
+                       error: BaseException) -> None:
+        """One request's bad data must not fail the others: write each request alone."""
+        if len(batch) == 1:
+            self._fail(batch, Rejected(_database_message(error)))
+            return
+        log.warning("flush refused by the database (%s); retrying its %d requests one by one",
+                    error, len(batch))
+        for pending in batch:
+            try:
+                await self._write(conn, pending.rows)
+            except writer.DATA_ERRORS as exc:
+                self._fail([pending], Rejected(_database_message(exc)))
+            except (*writer.CONNECTION_ERRORS, asyncpg.PostgresError):
+                self._fail([pending], Unavailable("database unavailable"))
+            else:
+                pending.future.set_result(None)
+
+    def _fail(self, batch: list[_Pending], error: Exception) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    def _fail_queue(self, error: Exception) -> None:
+        batch = list(self._queue)
+        self._queue.clear()
+        self._queued_readings = 0
+        self._fail(batch, error)
+
+    # -- availability -------------------------------------------------------------------
+
+    def _set_unavailable(self) -> None:
+        """Refuse new requests at once until a connection succeeds again."""
+        self._available = False
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._reconnect(), name="reconnect")
+
+    async def _reconnect(self) -> None:
+        delay = 0.05
+        while not self._closing:
+            try:
+                conn = await self._connect()
+            except writer.CONNECTION_ERRORS:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            for index, existing in enumerate(self._connections):
+                if existing is None or existing.is_closed():
+                    self._connections[index] = conn
+                    break
+            else:
+                await conn.close()
+            self._available = True
+            log.info("database reachable again")
+            return
+
+
+def _database_message(error: BaseException) -> str:
+    return f"the database refused this request's data: {error}"

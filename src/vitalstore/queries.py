@@ -1,0 +1,222 @@
+"""Read SQL: devices, latest values, reading history. One function per question."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from vitalstore.readings import datetime_to_rfc3339
+
+ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+class BadCursor(ValueError):
+    """A cursor that this service did not hand out."""
+
+
+def encode_cursor(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadCursor("invalid cursor") from exc
+
+
+def _upper_bound(prefix: str) -> str | None:
+    """The smallest string above every string that starts with `prefix` (bytewise order)."""
+    if not prefix or ord(prefix[-1]) >= 0x10FFFF:
+        return None
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+@dataclass(slots=True)
+class Device:
+    id: int
+    name: str
+    first_seen: datetime
+    last_seen: datetime
+
+
+async def find_device(pool: asyncpg.Pool, name: str) -> Device | None:
+    """A device that has stored readings, by id string."""
+    row = await pool.fetchrow(
+        "SELECT id, name, first_seen, last_seen FROM devices"
+        " WHERE name = $1 AND first_seen IS NOT NULL",
+        name,
+    )
+    return None if row is None else Device(*row)
+
+
+async def list_devices(pool: asyncpg.Pool, *, prefix: str, limit: int,
+                       after: str | None) -> list[Device]:
+    """Devices by id, starting after `after`, holding `limit` + 1 to tell if more follow."""
+    lower = max(prefix, after or "")
+    upper = _upper_bound(prefix)
+    rows = await pool.fetch(
+        "SELECT id, name, first_seen, last_seen FROM devices"
+        " WHERE first_seen IS NOT NULL AND name >= $1 AND name <> $2"
+        " AND ($3::text IS NULL OR name < $3) AND starts_with(name, $4)"
+        " ORDER BY name LIMIT $5",
+        lower, after or "", upper, prefix, limit + 1,
+    )
+    return [Device(*row) for row in rows]
+
+
+def _latest_object(name: str, last_seen: datetime, values: list[Any]) -> dict[str, Any]:
+    return {
+        "device": name,
+        "last_seen": datetime_to_rfc3339(last_seen),
+        "metrics": {
+            metric: {"value": value, "timestamp": datetime_to_rfc3339(ts)}
+            for metric, value, ts in values
+        },
+    }
+
+
+_LATEST = """
+    SELECT d.name, d.last_seen, m.name AS metric, l.value, l.ts
+    FROM devices d
+    LEFT JOIN latest l ON l.device_id = d.id
+    LEFT JOIN metrics m ON m.id = l.metric_id
+    WHERE d.name = ANY($1::text[]) AND d.first_seen IS NOT NULL
+    ORDER BY d.name, m.name
+"""
+
+
+async def latest(pool: asyncpg.Pool, names: list[str]) -> list[dict[str, Any]]:
+    """Latest object (device, last_seen, metrics) of each known device in `names`, by id."""
+    by_device: dict[str, tuple[datetime, list[Any]]] = {}
+    for row in await pool.fetch(_LATEST, names):
+        entry = by_device.setdefault(row["name"], (row["last_seen"], []))
+        if row["metric"] is not None:
+            entry[1].append((row["metric"], row["value"], row["ts"]))
+    return [_latest_object(name, seen, values) for name, (seen, values) in by_device.items()]
+
+
+@dataclass(slots=True)
+class HistoryItem:
+    ts: datetime
+    metrics: dict[str, float]
+    attributes: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"timestamp": datetime_to_rfc3339(self.ts), "metrics": self.metrics,
+                "attributes": self.attributes}
+
+
+async def history_page(
+    pool: asyncpg.Pool,
+    *,
+    device_id: int,
+    start: datetime,
+    end: datetime,
+    metric_ids: dict[int, str] | None,
+    metric_names: dict[int, str],
+    descending: bool,
+    limit: int,
+) -> tuple[list[HistoryItem], bool]:
+    """Up to `limit` readings of a device in [start, end), and whether more follow.
+
+    Keyset pages: the caller narrows [start, end) past the last item for the next page, so
+    pages stay exact while data arrives. `metric_names` maps every metric id to its name.
+    """
+    order = "DESC" if descending else "ASC"
+    only = "AND metric_id = ANY($5::int4[])" if metric_ids is not None else ""
+    attribute_times = "" if metric_ids is not None else f"""
+        UNION
+        (SELECT ts FROM reading_attributes WHERE device_id = $1 AND ts >= $2 AND ts < $3
+         ORDER BY ts {order} LIMIT $4)"""
+    args: list[Any] = [device_id, start, end, limit + 1]
+    if metric_ids is not None:
+        args.append(list(metric_ids))
+    times = await pool.fetch(
+        f"""SELECT ts FROM (
+                (SELECT DISTINCT ts FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3
+                 {only} ORDER BY ts {order} LIMIT $4)
+                {attribute_times}
+            ) AS page ORDER BY ts {order} LIMIT $4""",
+        *args,
+    )
+    more = len(times) > limit
+    times = times[:limit]
+    if not times:
+        return [], False
+    first, last = times[0]["ts"], times[-1]["ts"]
+    low, high = (last, first) if descending else (first, last)
+    high += ONE_MICROSECOND
+    args = [device_id, low, high]
+    if metric_ids is not None:
+        args.append(list(metric_ids))
+    only = only.replace("$5", "$4")
+    values = await pool.fetch(
+        f"""SELECT ts, metric_id, value FROM readings
+            WHERE device_id = $1 AND ts >= $2 AND ts < $3 {only}
+            ORDER BY ts {order}, metric_id""",
+        *args,
+    )
+    items: dict[datetime, HistoryItem] = {
+        row["ts"]: HistoryItem(row["ts"], {}, {}) for row in times
+    }
+    for ts, metric_id, value in values:
+        items[ts].metrics[metric_names[metric_id]] = value
+    for ts, attributes in await pool.fetch(
+        "SELECT ts, attributes FROM reading_attributes"
+        " WHERE device_id = $1 AND ts >= $2 AND ts < $3",
+        device_id, low, high,
+    ):
+        item = items.get(ts)
+        if item is not None:
+            item.attributes = attributes
+    return list(items.values()), more
+
+
+async def device_metric_ids(pool: asyncpg.Pool, device_id: int) -> list[int]:
+    """Every metric a device has reported (the latest table has one row for each)."""
+    rows = await pool.fetch(
+        "SELECT metric_id FROM latest WHERE device_id = $1 ORDER BY metric_id", device_id)
+    return [row["metric_id"] for row in rows]
+
+
+_COMPAT_ORDER = {"deviceId": "d.name", "timestamp": "d.last_seen"}
+
+
+async def compat_page(pool: asyncpg.Pool, *, sort_by: str, descending: bool, count: int,
+                      offset: int) -> tuple[int, list[dict[str, Any]]]:
+    """`GET /vital-data` of the system we replace: devices with their latest values."""
+    direction = "DESC" if descending else "ASC"
+    total = await pool.fetchval("SELECT count(*) FROM devices WHERE first_seen IS NOT NULL")
+    if sort_by in _COMPAT_ORDER:
+        order = f"{_COMPAT_ORDER[sort_by]} {direction}, d.name"
+        rows = await pool.fetch(
+            f"SELECT d.id, d.name, d.last_seen FROM devices d WHERE d.first_seen IS NOT NULL"
+            f" ORDER BY {order} LIMIT $1 OFFSET $2",
+            count, offset)
+    else:
+        rows = await pool.fetch(
+            f"""SELECT d.id, d.name, d.last_seen FROM devices d
+                LEFT JOIN metrics m ON m.name = $3
+                LEFT JOIN latest l ON l.device_id = d.id AND l.metric_id = m.id
+                WHERE d.first_seen IS NOT NULL
+                ORDER BY l.value {direction} NULLS LAST, d.name LIMIT $1 OFFSET $2""",
+            count, offset, sort_by)
+    values = await pool.fetch(
+        "SELECT l.device_id, m.name, l.value FROM latest l JOIN metrics m ON m.id = l.metric_id"
+        " WHERE l.device_id = ANY($1::int4[])",
+        [row["id"] for row in rows])
+    by_device: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        seconds = row["last_seen"].timestamp()
+        by_device[row["id"]] = {
+            "deviceId": row["name"],
+            "lastUpdated": int(seconds) if seconds.is_integer() else seconds,
+        }
+    for device_id, metric, value in values:
+        by_device[device_id].setdefault(metric, value)
+    return total, list(by_device.values())

@@ -1,0 +1,257 @@
+"""Wire format of readings: decoding, validation, and time conversions.
+
+A reading is a JSON object with `device`, `timestamp`, any number of numeric fields (metrics)
+and any other fields (attributes). Decoding is one msgspec pass into plain dicts followed by one
+validation pass; nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import msgspec
+
+# Timestamps travel as microseconds since PostgreSQL's epoch (2000-01-01 UTC), the integer that
+# asyncpg's tuple codec for timestamptz takes: no datetime object per reading on the hot path.
+PG_EPOCH_UNIX_S = 946_684_800
+MIN_TIMESTAMP_S = PG_EPOCH_UNIX_S  # 2000-01-01T00:00:00Z, "not before 2000"
+# A Unix time in seconds above this (year 5138) is certainly milliseconds or finer.
+_MILLISECONDS_HINT = 100_000_000_000
+
+MAX_DEVICE_CHARS = 128
+METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+MAX_REPORTED_ERRORS = 100
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+class Reading(NamedTuple):
+    """One validated reading."""
+
+    device: str
+    ts_us: int  # microseconds since 2000-01-01 UTC
+    metrics: list[tuple[str, float]]
+    attributes: bytes | None  # the JSON object of non-numeric fields, encoded; None when empty
+
+
+class ItemError(msgspec.Struct):
+    """What is wrong with one item of a request."""
+
+    index: int
+    field: str
+    message: str
+
+
+class MalformedBody(Exception):
+    """The body is not JSON (or NDJSON) of the expected shape: 400."""
+
+
+class TooManyItems(Exception):
+    """More readings in one request than allowed: 413."""
+
+
+class InvalidItems(Exception):
+    """Some items are invalid: 422 with every error (up to MAX_REPORTED_ERRORS)."""
+
+    def __init__(self, errors: list[ItemError]) -> None:
+        super().__init__(f"{len(errors)} invalid item(s)")
+        self.errors = errors
+
+
+def unix_to_pg_us(seconds: float) -> int:
+    """Unix seconds (int or float) to microseconds since 2000-01-01."""
+    if isinstance(seconds, int):
+        return (seconds - PG_EPOCH_UNIX_S) * 1_000_000
+    return round(seconds * 1_000_000) - PG_EPOCH_UNIX_S * 1_000_000
+
+
+def pg_us_to_rfc3339(ts_us: int) -> str:
+    """Microseconds since 2000-01-01 to `2025-06-18T10:00:01.250000Z`."""
+    seconds, micros = divmod(ts_us, 1_000_000)
+    moment = time.gmtime(seconds + PG_EPOCH_UNIX_S)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", moment) + f".{micros:06d}Z"
+
+
+def datetime_to_rfc3339(moment: datetime) -> str:
+    """An aware datetime to the RFC 3339 UTC form used in every response."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """A query time: RFC 3339 (any offset) or Unix seconds. Raises ValueError."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            raise ValueError(f"not a time: {text!r}")
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise ValueError(f"time out of range: {text!r}") from exc
+    if "T" not in text and "t" not in text and " " not in text:
+        raise ValueError(f"not an RFC 3339 time or Unix seconds: {text!r}")
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError as exc:
+        raise ValueError(f"not an RFC 3339 time or Unix seconds: {text!r}") from exc
+    if moment.tzinfo is None:
+        raise ValueError(f"time needs a UTC offset (Z or +hh:mm): {text!r}")
+    return moment
+
+
+def _timestamp_seconds(value: Any) -> float:
+    """The `timestamp` field as Unix seconds; raises ValueError with a client-facing message."""
+    if isinstance(value, bool):
+        raise ValueError("must be Unix seconds or an RFC 3339 string")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        if abs(value) >= _MILLISECONDS_HINT:
+            raise ValueError(
+                "looks like milliseconds (or finer); send Unix seconds, e.g. 1750240800.25"
+            )
+        return value
+    if isinstance(value, str):
+        if len(value) > 64:
+            raise ValueError("must be Unix seconds or an RFC 3339 string")
+        return parse_time(value).timestamp()
+    raise ValueError("must be Unix seconds or an RFC 3339 string")
+
+
+class Validator:
+    """Validates decoded items into Readings under the service's limits."""
+
+    def __init__(self, *, max_items: int, max_future_skew_s: float) -> None:
+        self.max_items = max_items
+        self.max_future_skew_s = max_future_skew_s
+
+    def decode(self, body: bytes, content_type: str) -> list[Reading]:
+        """Decode and validate a request body; raises MalformedBody/TooManyItems/InvalidItems."""
+        if content_type == "application/x-ndjson":
+            items = self._decode_ndjson(body)
+        else:
+            items = self._decode_json(body)
+        return self.validate(items)
+
+    def _decode_json(self, body: bytes) -> list[Any]:
+        try:
+            decoded = _decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise MalformedBody(f"malformed JSON: {exc}") from None
+        if isinstance(decoded, dict):
+            return [decoded]
+        if isinstance(decoded, list):
+            if len(decoded) > self.max_items:
+                raise TooManyItems(f"{len(decoded)} readings; at most {self.max_items} per request")
+            return decoded
+        raise MalformedBody("the body must be a reading object or an array of reading objects")
+
+    def _decode_ndjson(self, body: bytes) -> list[Any]:
+        items: list[Any] = []
+        for number, line in enumerate(body.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            if len(items) >= self.max_items:
+                raise TooManyItems(f"more than {self.max_items} readings in one request")
+            try:
+                items.append(_decoder.decode(line))
+            except msgspec.DecodeError as exc:
+                raise MalformedBody(f"malformed JSON on line {number}: {exc}") from None
+        return items
+
+    def validate(self, items: list[Any]) -> list[Reading]:
+        """Check every item; all valid gives the readings, else InvalidItems lists the errors."""
+        readings: list[Reading] = []
+        errors: list[ItemError] = []
+        latest_allowed = time.time() + self.max_future_skew_s
+        for index, item in enumerate(items):
+            reading = self._validate_item(index, item, latest_allowed, errors)
+            if reading is not None:
+                readings.append(reading)
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+        if errors:
+            raise InvalidItems(errors[:MAX_REPORTED_ERRORS])
+        return readings
+
+    def _validate_item(
+        self, index: int, item: Any, latest_allowed: float, errors: list[ItemError]
+    ) -> Reading | None:
+        if not isinstance(item, dict):
+            errors.append(ItemError(index, "", "a reading must be a JSON object"))
+            return None
+        failed = len(errors)
+
+        device = item.get("device")
+        if not isinstance(device, str):
+            errors.append(ItemError(index, "device", "required, a string"))
+        elif not 1 <= len(device) <= MAX_DEVICE_CHARS:
+            errors.append(ItemError(index, "device", "must be 1 to 128 characters"))
+        elif not device.isprintable():
+            errors.append(
+                ItemError(index, "device", "must hold printable characters only "
+                          "(no control, format, zero-width or line-separator characters)")
+            )
+
+        ts_us = 0
+        if "timestamp" not in item:
+            errors.append(ItemError(index, "timestamp", "required"))
+        else:
+            try:
+                seconds = _timestamp_seconds(item["timestamp"])
+            except ValueError as exc:
+                errors.append(ItemError(index, "timestamp", str(exc)))
+            else:
+                if seconds < MIN_TIMESTAMP_S:
+                    errors.append(ItemError(index, "timestamp", "must not be before 2000-01-01"))
+                elif seconds > latest_allowed:
+                    errors.append(ItemError(
+                        index, "timestamp",
+                        f"is more than {self.max_future_skew_s:g} s in the future",
+                    ))
+                else:
+                    ts_us = unix_to_pg_us(seconds)
+
+        metrics: list[tuple[str, float]] = []
+        attributes: dict[str, Any] | None = None
+        for name, value in item.items():
+            if name == "device" or name == "timestamp":
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                if not METRIC_NAME.fullmatch(name):
+                    errors.append(ItemError(
+                        index, name[:80],
+                        "metric names are 1 to 64 letters, digits, '_', '.' or '-'",
+                    ))
+                    continue
+                try:
+                    number = float(value)
+                except OverflowError:
+                    number = math.inf
+                if not math.isfinite(number):
+                    errors.append(ItemError(index, name, "must be a finite number"))
+                    continue
+                metrics.append((name, number + 0.0))  # + 0.0 turns -0.0 into 0.0
+            else:
+                if attributes is None:
+                    attributes = {}
+                attributes[name] = value
+
+        if len(errors) > failed:
+            return None
+        encoded = None
+        if attributes:
+            encoded = _encoder.encode(attributes)
+            # PostgreSQL's jsonb cannot hold U+0000; refuse it here rather than fail a flush.
+            if b"\\u0000" in encoded:
+                errors.append(ItemError(index, "", "attributes must not contain U+0000"))
+                return None
+        return Reading(device, ts_us, metrics, encoded)  # type: ignore[arg-type]

@@ -1,0 +1,23 @@
+"""The objects route handlers use, built in the app's lifespan from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from vitalstore.ingest import Batcher
+from vitalstore.readings import Validator
+from vitalstore.settings import Settings
+from vitalstore.writer import NameIds
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    validator: Validator
+    pool: asyncpg.Pool
+    batcher: Batcher
+    device_ids: NameIds
+    metric_ids: NameIds
+    schema_head: str | None

@@ -1,0 +1,101 @@
+"""Settings: one frozen struct built from VITALSTORE_* environment variables and passed in."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/vitalstore"
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """Parse `90s`, `15m`, `12h`, `90d`, `2w` or `forever` (None)."""
+    if text.strip().lower() in ("forever", "never", "none"):
+        return None
+    match = _DURATION.match(text.lower())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 12h, 90d or forever)")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the service can be told; field `x` is read from `VITALSTORE_X`."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+
+    # Ingest limits.
+    buffer_max_readings: int = 100_000
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_items: int = 10_000
+    body_timeout_s: float = 30.0
+    max_future_skew_s: float = 300.0
+
+    # Group commit: a flush starts when this many readings wait, or this long after the first.
+    flush_max_readings: int = 5_000
+    flush_interval_ms: float = 2.0
+    # Flushes run concurrently on up to this many connections.
+    writer_connections: int = 2
+    read_pool_size: int = 4
+    # Seconds a flush may take before its requests get 503 (the transaction is abandoned).
+    flush_timeout_s: float = 10.0
+    # Graceful shutdown: seconds granted to flush what is buffered.
+    shutdown_timeout_s: float = 20.0
+
+    chunk_interval: str = "1d"
+
+    # Benchmark-only switches: the no-op routes, and rollup maintenance.
+    bench_routes: bool = False
+    rollups: bool = True
+
+    # Retention per table: a duration or "forever".
+    retention_raw: str = "90d"
+    retention_1m: str = "365d"
+    retention_1h: str = "forever"
+    retention_1d: str = "forever"
+    maintenance_interval_s: float = 3600.0
+
+    log_format: str = "auto"  # auto | json | text
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_interval", "retention_raw", "retention_1m", "retention_1h",
+                     "retention_1d"):
+            parse_duration(getattr(self, name))
+        if self.buffer_max_readings < self.max_items:
+            raise ValueError("buffer_max_readings must be at least max_items")
+
+    @property
+    def asyncpg_dsn(self) -> str:
+        """The URL in the form asyncpg takes (no SQLAlchemy driver suffix)."""
+        return self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The URL in the form SQLAlchemy's async engine takes."""
+        return self.asyncpg_dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build from `VITALSTORE_*` variables; `overrides` (e.g. command-line flags) win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in msgspec.structs.fields(cls):
+            raw = environ.get(f"VITALSTORE_{field.name.upper()}")
+            if raw is not None:
+                values[field.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid setting: {exc}") from exc
