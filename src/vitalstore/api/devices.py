@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response, get
 from litestar.datastructures import State
-from litestar.params import Parameter
+from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 
 from vitalstore import queries
@@ -23,7 +23,8 @@ EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 EXPORT_PAGE = 1000
 
-OptionalQuery = Annotated[str | None, Parameter(required=False)]
+OptionalQuery = Annotated[str | None, QueryParameter(required=False)]
+DeviceId = FromPath[str]
 
 
 class MetricValue(msgspec.Struct):
@@ -100,7 +101,7 @@ async def list_devices(state: State, prefix: OptionalQuery = None, limit: Option
 
 
 @get("/v1/devices/{device:str}/latest", summary="Latest value of each metric of a device")
-async def device_latest(state: State, device: str) -> Response[LatestObject]:
+async def device_latest(state: State, device: DeviceId) -> Response[LatestObject]:
     found = await queries.latest(services_of(state).pool, [device])
     if not found:
         return error(404, f"unknown device {device!r}")
@@ -108,7 +109,7 @@ async def device_latest(state: State, device: str) -> Response[LatestObject]:
 
 
 @get("/v1/latest", summary="Latest values of several devices (by id, or all by page)")
-async def bulk_latest(state: State, device: Annotated[list[str] | None, Parameter(
+async def bulk_latest(state: State, device: Annotated[list[str] | None, QueryParameter(
         required=False)] = None, limit: OptionalQuery = None,
         cursor: OptionalQuery = None) -> Response[LatestPage]:
     services = services_of(state)
@@ -171,8 +172,8 @@ async def _page(services: Services, q: _HistoryQuery, limit: int,
 @get("/v1/devices/{device:str}/readings",
      summary="Readings of a device in [from, to); JSON pages, or NDJSON/CSV export")
 async def device_readings(
-    request: Request[Any, Any, Any], state: State, device: str,
-    from_: Annotated[str | None, Parameter(query="from", required=False)] = None,
+    request: Request[Any, Any, Any], state: State, device: DeviceId,
+    from_: Annotated[str | None, QueryParameter(name="from", required=False)] = None,
     to: OptionalQuery = None, metrics: OptionalQuery = None, order: OptionalQuery = None,
     limit: OptionalQuery = None, cursor: OptionalQuery = None,
 ) -> Response[HistoryPage]:
@@ -243,8 +244,8 @@ async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str
 @get("/vital-data", summary="Compatibility: devices with their latest values (old API)")
 async def get_vital_data(
     state: State, count: OptionalQuery = None, offset: OptionalQuery = None,
-    sort_by: Annotated[str | None, Parameter(query="sortBy", required=False)] = None,
-    order_by: Annotated[str | None, Parameter(query="orderBy", required=False)] = None,
+    sort_by: Annotated[str | None, QueryParameter(name="sortBy", required=False)] = None,
+    order_by: Annotated[str | None, QueryParameter(name="orderBy", required=False)] = None,
 ) -> Response[CompatPage]:
     try:
         size = query_int("count", count, 20, 1, 100)

@@ -1,0 +1,178 @@
+"""Test fixtures: a real PostgreSQL with TimescaleDB, migrated once, a fresh database per module.
+
+The template database is migrated with Alembic (never create_all); each test module gets a
+copy of it, so tests whose writes commit through the service's own pool, other processes or a
+kill -9 stay isolated without any cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+
+from vitalstore.app import ALEMBIC_INI, create_app
+from vitalstore.settings import Settings
+
+ADMIN_URL = os.environ.get("VITALSTORE_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+
+def database_url(name: str) -> str:
+    return ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def _drop(name: str) -> None:
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+async def template_db() -> AsyncIterator[str]:
+    """A database migrated to head with Alembic, used only as a template."""
+    from alembic import command
+    from alembic.config import Config
+
+    name = f"vs_test_tmpl_{RUN_ID}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    config = Config(str(ALEMBIC_INI))
+    config.attributes["url"] = database_url(name).replace("postgresql://", "postgresql+asyncpg://")
+    # Alembic's env.py runs its own event loop: run it off this one.
+    await asyncio.to_thread(command.upgrade, config, "head")
+    # TimescaleDB's background workers must not hold connections to a template.
+    await _admin(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    await _admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+    yield name
+    await _admin(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    await _drop(name)
+
+
+async def fresh_database(template: str) -> str:
+    name = f"vs_test_{uuid.uuid4().hex[:12]}"
+    for _ in range(50):
+        try:
+            await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            return name
+        except asyncpg.ObjectInUseError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError("template database stayed busy")
+
+
+@pytest.fixture(scope="module")
+async def db_url(template_db: str) -> AsyncIterator[str]:
+    """A fresh migrated database for one test module."""
+    name = await fresh_database(template_db)
+    yield database_url(name)
+    await _drop(name)
+
+
+@pytest.fixture(scope="module")
+def settings(db_url: str) -> Settings:
+    return Settings(database_url=db_url, bench_routes=True)
+
+
+@pytest.fixture(scope="module")
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    """The service in-process, lifespan included."""
+    async with AsyncTestClient(create_app(settings), timeout=30) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the module's database, to check what is really stored."""
+    conn = await asyncpg.connect(db_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def device() -> str:
+    """A device id no other test uses."""
+    return f"dev-{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """`vitalstore serve` in a subprocess, for tests that need a real process."""
+
+    def __init__(self, db_url: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "VITALSTORE_DATABASE_URL": db_url,
+            "VITALSTORE_PORT": str(self.port),
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = ROOT / ".pytest_cache" / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 20) -> Server:
+        self.log.parent.mkdir(exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vitalstore.cli", "serve"],
+            env=self.env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready: {self.log.read_text()[-2000:]}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signum)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.process.wait(10)
+
+
+@pytest.fixture
+def server_factory(db_url: str) -> Iterator[Any]:
+    servers: list[Server] = []
+
+    def start(**env: str) -> Server:
+        server = Server(db_url, **env).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
