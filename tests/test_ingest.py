@@ -144,7 +144,8 @@ async def test_gzip_bomb_is_refused_while_inflating(client, settings):
 
 
 async def test_other_content_type_is_415(client):
-    response = await client.post("/v1/readings", content=b"x", headers={"content-type": "text/plain"})
+    response = await client.post("/v1/readings", content=b"x",
+                                 headers={"content-type": "text/plain"})
     assert response.status_code == 415
 
 

@@ -33,7 +33,8 @@ LATEST_UPSERT = """
 
 def upgrade() -> None:
     chunk = parse_duration(Settings.from_env().chunk_interval)
-    assert chunk is not None, "the chunk interval cannot be 'forever'"
+    if chunk is None:
+        raise ValueError("VITALSTORE_CHUNK_INTERVAL cannot be 'forever'")
     chunk_interval = f"{int(chunk.total_seconds())} seconds"
 
     op.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")

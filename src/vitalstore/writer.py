@@ -107,7 +107,8 @@ class NameIds:
     """
 
     def __init__(self, table: str) -> None:
-        assert table in ("devices", "metrics")
+        if table not in ("devices", "metrics"):
+            raise ValueError(f"no name table {table!r}")
         self._ids: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._insert = (

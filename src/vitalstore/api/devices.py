@@ -17,6 +17,7 @@ from litestar.response import Stream
 from vitalstore import queries
 from vitalstore.api.common import BadQuery, bad_query, error, query_int, query_time, services_of
 from vitalstore.queries import BadCursor, decode_cursor, encode_cursor
+from vitalstore.readings import datetime_to_rfc3339
 from vitalstore.services import Services
 
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
@@ -80,8 +81,8 @@ def _cursor(value: str | None) -> str | None:
 
 
 def _device_item(device: queries.Device) -> dict[str, str]:
-    return {"device": device.name, "first_seen": queries.datetime_to_rfc3339(device.first_seen),
-            "last_seen": queries.datetime_to_rfc3339(device.last_seen)}
+    return {"device": device.name, "first_seen": datetime_to_rfc3339(device.first_seen),
+            "last_seen": datetime_to_rfc3339(device.last_seen)}
 
 
 @get("/v1/devices", summary="Devices by id, with first and last reading times")
@@ -176,7 +177,7 @@ async def device_readings(
     from_: Annotated[str | None, QueryParameter(name="from", required=False)] = None,
     to: OptionalQuery = None, metrics: OptionalQuery = None, order: OptionalQuery = None,
     limit: OptionalQuery = None, cursor: OptionalQuery = None,
-) -> Response[HistoryPage]:
+) -> Response[HistoryPage] | Stream:
     services = services_of(state)
     found = await queries.find_device(services.pool, device)
     if found is None:
@@ -232,7 +233,7 @@ async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str
     encoder = msgspec.json.Encoder()
     async for item in _all_items(services, q):
         attributes = encoder.encode(item.attributes).decode() if item.attributes else ""
-        out.writerow([queries.datetime_to_rfc3339(item.ts),
+        out.writerow([datetime_to_rfc3339(item.ts),
                       *(item.metrics.get(name, "") for name in names), attributes])
         if buffer.tell() > 65536:
             yield buffer.getvalue()
@@ -251,14 +252,17 @@ async def get_vital_data(
         size = query_int("count", count, 20, 1, 100)
         skip = query_int("offset", offset, 0, 0, 10_000_000)
     except BadQuery as exc:
-        return Response({"status": "error", "message": str(exc)}, status_code=400)
+        return _compat_error(str(exc))
     if order_by not in (None, "", "asc", "desc"):
-        return Response({"status": "error", "message": "orderBy: must be asc or desc"},
-                        status_code=400)
+        return _compat_error("orderBy: must be asc or desc")
     total, resources = await queries.compat_page(
         services_of(state).pool, sort_by=sort_by or "timestamp",
         descending=order_by != "asc", count=size, offset=skip)
-    return Response({"total": total, "resources": resources})  # type: ignore[arg-type]
+    return Response(CompatPage(total, resources))
+
+
+def _compat_error(message: str) -> Response[Any]:
+    return Response({"status": "error", "message": message}, status_code=400)
 
 
 ROUTES = [list_devices, device_latest, bulk_latest, device_readings, get_vital_data]

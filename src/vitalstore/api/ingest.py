@@ -12,9 +12,9 @@ from litestar.datastructures import State
 from litestar.exceptions import ClientException
 
 from vitalstore.api.common import error, services_of
-from vitalstore.services import Services
 from vitalstore.ingest import Overloaded, Rejected, Unavailable
 from vitalstore.readings import InvalidItems, ItemError, MalformedBody, TooManyItems
+from vitalstore.services import Services
 from vitalstore.writer import CONNECTION_ERRORS, to_rows
 
 JSON = "application/json"
