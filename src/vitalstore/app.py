@@ -6,10 +6,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import msgspec
-from litestar import Litestar
+from litestar import Litestar, Request, Response
 from litestar.openapi import OpenAPIConfig
 
 from vitalstore import writer
@@ -52,6 +53,13 @@ def schema_head() -> str | None:
     if not ALEMBIC_INI.exists():
         return None
     return ScriptDirectory.from_config(Config(str(ALEMBIC_INI))).get_current_head()
+
+
+def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """A read that lost its connection answers 503 (the pool reconnects by itself), not 500."""
+    log.warning("database error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+    return Response({"error": "database unavailable"}, status_code=503,
+                    headers={"Retry-After": "1"})
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -102,5 +110,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="vitalstore", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_body_bytes,
+        exception_handlers={error: database_unavailable
+                            for error in (*writer.CONNECTION_ERRORS, asyncpg.PostgresError)},
         debug=False,
     )

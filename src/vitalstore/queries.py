@@ -24,9 +24,13 @@ def encode_cursor(value: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        value = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_",
+                                 validate=True).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadCursor("invalid cursor") from exc
+    if not value:
+        raise BadCursor("invalid cursor")
+    return value
 
 
 def _upper_bound(prefix: str) -> str | None:
