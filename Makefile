@@ -24,6 +24,7 @@ setup: $(STAMP) ## .venv, pinned deps, TimescaleDB on the local PostgreSQL, data
 	$(BIN)/vitalstore db upgrade
 
 run: setup ## set up, then serve on 127.0.0.1:8000 (VITALSTORE_* settings apply)
+	$(BIN)/vitalstore keys local-admin --file .vitalstore/admin.key
 	$(BIN)/vitalstore serve
 
 test: setup ## set up, then run the whole test suite against the real database

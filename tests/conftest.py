@@ -24,6 +24,7 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
+from vitalstore import keys
 from vitalstore.app import ALEMBIC_INI, create_app
 from vitalstore.settings import Settings
 
@@ -93,9 +94,22 @@ def settings(db_url: str) -> Settings:
 
 
 @pytest.fixture(scope="module")
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
-    """The service in-process, lifespan included."""
+async def api_headers(db_url: str) -> dict[str, str]:
+    """Headers with an API key of every scope, unbound, created in the module's database."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        key, _ = await keys.create(conn, f"test-admin-{uuid.uuid4().hex[:8]}", list(keys.SCOPES))
+    finally:
+        await conn.close()
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+async def client(settings: Settings, api_headers: dict[str, str]
+                 ) -> AsyncIterator[AsyncTestClient[Any]]:
+    """The service in-process, lifespan included; requests carry `api_headers` by default."""
     async with AsyncTestClient(create_app(settings), timeout=30) as test_client:
+        test_client.headers.update(api_headers)
         yield test_client
 
 
@@ -123,9 +137,11 @@ def free_port() -> int:
 class Server:
     """`vitalstore serve` in a subprocess, for tests that need a real process."""
 
-    def __init__(self, db_url: str, **env: str) -> None:
+    def __init__(self, db_url: str, headers: dict[str, str] | None = None, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # An API key of every scope, for requests to this server: httpx.post(..., headers=...).
+        self.headers = dict(headers or {})
         self.env = {
             **os.environ,
             "VITALSTORE_DATABASE_URL": db_url,
@@ -137,10 +153,11 @@ class Server:
 
     def start(self, timeout: float = 20) -> Server:
         self.log.parent.mkdir(exist_ok=True)
-        with self.log.open("wb") as log:
+        with self.log.open("wb") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vitalstore.cli", "serve"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -165,11 +182,12 @@ class Server:
 
 
 @pytest.fixture
-def server_factory(db_url: str) -> Iterator[Any]:
+def server_factory(db_url: str, api_headers: dict[str, str]) -> Iterator[Any]:
+    """Starts `vitalstore serve` on the module's database; `server.headers` carry a key."""
     servers: list[Server] = []
 
     def start(**env: str) -> Server:
-        server = Server(db_url, **env).start()
+        server = Server(db_url, api_headers, **env).start()
         servers.append(server)
         return server
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.openapi import OpenAPIConfig
 
-from vitalstore import writer
-from vitalstore.api import devices, ingest, ops
+from vitalstore import auth, writer
+from vitalstore.api import devices, ingest, keys, ops
 from vitalstore.ingest import Batcher
 from vitalstore.readings import Validator
 from vitalstore.services import Services
@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 device_ids=NameIds("devices"),
                 metric_ids=NameIds("metrics"),
                 schema_head=schema_head(),
+                keys=auth.KeyStore(pool, settings),
             )
             try:
                 yield
@@ -102,15 +103,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             await pool.close()
 
-    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES]
+    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *keys.ROUTES]
     if settings.bench_routes:
         route_handlers += ingest.BENCH_ROUTES
     return Litestar(
         route_handlers=route_handlers,
         lifespan=[lifespan],
-        openapi_config=OpenAPIConfig(title="vitalstore", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="vitalstore", version="0.1.0", components=auth.OPENAPI_COMPONENTS,
+            openapi_router=Router("/schema", route_handlers=[], opt=auth.OPEN)),
+        middleware=[auth.AuthMiddleware],
+        exception_handlers={
+            **auth.EXCEPTION_HANDLERS,  # type: ignore[dict-item]
+            **{error: database_unavailable
+               for error in (*writer.CONNECTION_ERRORS, asyncpg.PostgresError)},
+        },
         request_max_body_size=settings.max_body_bytes,
-        exception_handlers={error: database_unavailable
-                            for error in (*writer.CONNECTION_ERRORS, asyncpg.PostgresError)},
         debug=False,
     )

@@ -1,4 +1,4 @@
-"""`vitalstore serve | db upgrade | ...`: the command line."""
+"""`vitalstore serve | db upgrade | keys ...`: the command line."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 
+from vitalstore import keys
 from vitalstore.app import ALEMBIC_INI, NotDurable, check_durability
 from vitalstore.settings import Settings
 
@@ -86,6 +89,94 @@ def serve(settings: Settings) -> None:
     ).serve()
 
 
+LOCAL_ADMIN = "local-admin"
+
+
+def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys_cmd = commands.add_parser("keys", help="API keys")
+    keys_commands = keys_cmd.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="create a key; prints it once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scope", required=True, help="ingest, read, admin, comma-separated")
+    create.add_argument("--prefix", help="only devices whose id starts with this")
+    keys_commands.add_parser("list", help="keys and their scopes (never the keys)")
+    revoke = keys_commands.add_parser("revoke", help="revoke the active key of that name")
+    revoke.add_argument("name")
+    local = keys_commands.add_parser(
+        "local-admin", help=f"create (or reuse) a key named {LOCAL_ADMIN!r} kept in a file")
+    local.add_argument("--file", type=Path, default=Path(".vitalstore/admin.key"))
+
+
+async def _keys_command(settings: Settings, args: argparse.Namespace) -> None:
+    conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
+    try:
+        if args.keys_command == "create":
+            key, info = await keys.create(conn, args.name, keys.parse_scopes(args.scope),
+                                          args.prefix)
+            bound = f"devices starting with {info.prefix!r}" if info.prefix else "all devices"
+            print(f"created key {info.name!r}: {','.join(info.scopes)} on {bound}."
+                  " It is shown only this once:")
+            print(key)
+        elif args.keys_command == "list":
+            _print_keys(await keys.list_all(conn))
+        elif args.keys_command == "revoke":
+            if not await keys.revoke(conn, args.name):
+                raise SystemExit(f"vitalstore: no active key named {args.name!r}")
+            print(f"revoked key {args.name!r}; running servers refuse it within"
+                  f" {settings.auth_cache_s:g} s")
+    except keys.InvalidKeySpec as exc:
+        raise SystemExit(f"vitalstore: {exc}") from None
+    finally:
+        await conn.close()
+
+
+def _utc(moment: datetime) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
+
+
+def _print_keys(infos: list[keys.KeyInfo]) -> None:
+    rows = [("NAME", "SCOPES", "PREFIX", "CREATED (UTC)", "REVOKED")]
+    for info in infos:
+        rows.append((info.name, ",".join(info.scopes), info.prefix or "*",
+                     _utc(info.created_at), _utc(info.revoked_at) if info.revoked_at else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+
+
+async def _ensure_local_admin(settings: Settings, current: str) -> str:
+    """`current` if it is an active key, else a new admin key named LOCAL_ADMIN."""
+    conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
+    try:
+        if current and await keys.is_active(conn, current):
+            return current
+        async with conn.transaction():
+            # The file held the only copy of the old key: without it that key is of no use.
+            await keys.revoke(conn, LOCAL_ADMIN)
+            key, _ = await keys.create(conn, LOCAL_ADMIN, list(keys.SCOPES))
+            return key
+    finally:
+        await conn.close()
+
+
+def _local_admin(settings: Settings, path: Path) -> None:
+    """For `make run`: the key kept in `path` if it still works, else a new one stored there."""
+    current = path.read_text().strip() if path.exists() else ""
+    key = asyncio.run(_ensure_local_admin(settings, current))
+    if key != current:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)  # also when an older file was there
+        path.write_text(key + "\n")
+        print(f"created the local admin key (all scopes) in {path}:")
+    else:
+        print(f"local admin key (all scopes) from {path}:")
+    print(f"  {key}")
+    print(f'  curl -H "Authorization: Bearer $(cat {path})"'
+          f" http://{settings.host}:{settings.port}/v1/devices")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vitalstore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="create the database if needed, migrate to head")
+    _add_keys_commands(commands)
 
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
@@ -112,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(_ensure_database(settings))
         _alembic_upgrade(settings)
         print("database at head", file=sys.stderr)
+    elif args.command == "keys" and args.keys_command == "local-admin":
+        _local_admin(settings, args.file)
+    elif args.command == "keys":
+        asyncio.run(_keys_command(settings, args))
 
 
 if __name__ == "__main__":

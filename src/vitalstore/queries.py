@@ -192,24 +192,27 @@ _COMPAT_ORDER = {"deviceId": "d.name", "timestamp": "d.last_seen"}
 
 
 async def compat_page(pool: asyncpg.Pool, *, sort_by: str, descending: bool, count: int,
-                      offset: int) -> tuple[int, list[dict[str, Any]]]:
-    """`GET /vital-data` of the system we replace: devices with their latest values."""
+                      offset: int, prefix: str = "") -> tuple[int, list[dict[str, Any]]]:
+    """`GET /vital-data` of the system we replace: devices (ids starting with `prefix`) with
+    their latest values."""
     direction = "DESC" if descending else "ASC"
-    total = await pool.fetchval("SELECT count(*) FROM devices WHERE first_seen IS NOT NULL")
+    total = await pool.fetchval(
+        "SELECT count(*) FROM devices WHERE first_seen IS NOT NULL AND starts_with(name, $1)",
+        prefix)
     if sort_by in _COMPAT_ORDER:
         order = f"{_COMPAT_ORDER[sort_by]} {direction}, d.name"
         rows = await pool.fetch(
             f"SELECT d.id, d.name, d.last_seen FROM devices d WHERE d.first_seen IS NOT NULL"
-            f" ORDER BY {order} LIMIT $1 OFFSET $2",
-            count, offset)
+            f" AND starts_with(d.name, $3) ORDER BY {order} LIMIT $1 OFFSET $2",
+            count, offset, prefix)
     else:
         rows = await pool.fetch(
             f"""SELECT d.id, d.name, d.last_seen FROM devices d
                 LEFT JOIN metrics m ON m.name = $3
                 LEFT JOIN latest l ON l.device_id = d.id AND l.metric_id = m.id
-                WHERE d.first_seen IS NOT NULL
+                WHERE d.first_seen IS NOT NULL AND starts_with(d.name, $4)
                 ORDER BY l.value {direction} NULLS LAST, d.name LIMIT $1 OFFSET $2""",
-            count, offset, sort_by)
+            count, offset, sort_by, prefix)
     values = await pool.fetch(
         "SELECT l.device_id, m.name, l.value FROM latest l JOIN metrics m ON m.id = l.metric_id"
         " WHERE l.device_id = ANY($1::int4[])",

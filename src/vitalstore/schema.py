@@ -8,7 +8,9 @@ trigger's transition table then holds exactly the values that were really stored
 """
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
+    CheckConstraint,
     Column,
     DateTime,
     Double,
@@ -16,10 +18,12 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -100,3 +104,23 @@ rollup_1m = _rollup("rollup_1m")
 rollup_1h = _rollup("rollup_1h")
 rollup_1d = _rollup("rollup_1d")
 ROLLUPS = {"1m": rollup_1m, "1h": rollup_1h, "1d": rollup_1d}
+
+
+# API keys (revision 0003). Only the SHA-256 of a key is stored; `device_prefix` NULL means
+# every device. A name is unique among keys not revoked. SQL on it lives in keys.py.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, Identity(), primary_key=True),
+    Column("name", Text(collation="C"), nullable=False),
+    Column("key_hash", LargeBinary, CheckConstraint("length(key_hash) = 32"), nullable=False,
+           unique=True),
+    Column("scopes", ARRAY(Text), nullable=False),
+    Column("device_prefix", Text(collation="C")),
+    Column("created_at", TS, nullable=False, server_default=text("now()")),
+    Column("revoked_at", TS),
+    CheckConstraint("cardinality(scopes) > 0 AND scopes <@ ARRAY['ingest', 'read', 'admin']"),
+    CheckConstraint("device_prefix <> ''"),
+    Index("api_keys_active_name", "name", unique=True,
+          postgresql_where=text("revoked_at IS NULL")),
+)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from vitalstore.auth import KeyStore
 from vitalstore.ingest import Batcher
 from vitalstore.readings import Validator
 from vitalstore.settings import Settings
@@ -21,3 +22,4 @@ class Services:
     device_ids: NameIds
     metric_ids: NameIds
     schema_head: str | None
+    keys: KeyStore

@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -64,6 +64,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retention_1h: str = "forever"
     retention_1d: str = "forever"
     maintenance_interval_s: float = 3600.0
+
+    # Access control: "required" or "disabled" (local experiments only; warned at each start).
+    auth: Literal["required", "disabled"] = "required"
+    # Seconds a verified (or refused) key is trusted without asking the database: a revoked
+    # key keeps working for at most this long.
+    auth_cache_s: float = 5.0
+    # /metrics without a key (for scrapers on a trusted network).
+    metrics_open: bool = False
 
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"

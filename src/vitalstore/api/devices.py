@@ -16,6 +16,8 @@ from litestar.response import Stream
 
 from vitalstore import queries
 from vitalstore.api.common import BadQuery, bad_query, error, query_int, query_time, services_of
+from vitalstore.auth import effective_prefix, requires
+from vitalstore.keys import ApiKey
 from vitalstore.queries import BadCursor, decode_cursor, encode_cursor
 from vitalstore.readings import datetime_to_rfc3339
 from vitalstore.services import Services
@@ -25,6 +27,7 @@ LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 EXPORT_PAGE = 1000
 
 OptionalQuery = Annotated[str | None, QueryParameter(required=False)]
+KeyedRequest = Request[Any, ApiKey, Any]
 DeviceId = FromPath[str]
 
 
@@ -85,46 +88,57 @@ def _device_item(device: queries.Device) -> dict[str, str]:
             "last_seen": datetime_to_rfc3339(device.last_seen)}
 
 
-@get("/v1/devices", summary="Devices by id, with first and last reading times")
-async def list_devices(state: State, prefix: OptionalQuery = None, limit: OptionalQuery = None,
-                       cursor: OptionalQuery = None) -> Response[DevicePage]:
+@get("/v1/devices", summary="Devices by id, with first and last reading times",
+     **requires("read"))
+async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuery = None,
+                       limit: OptionalQuery = None, cursor: OptionalQuery = None
+                       ) -> Response[DevicePage]:
     services = services_of(state)
     try:
         size = query_int("limit", limit, 100, 1, 1000)
         after = _cursor(cursor)
     except BadQuery as exc:
         return bad_query(exc)
-    found = await queries.list_devices(services.pool, prefix=prefix or "", limit=size,
-                                       after=after)
+    visible = effective_prefix(request.auth, prefix)
+    if visible is None:
+        return Response({"items": [], "next_cursor": None})  # type: ignore[arg-type]
+    found = await queries.list_devices(services.pool, prefix=visible, limit=size, after=after)
     next_cursor = encode_cursor(found[size - 1].name) if len(found) > size else None
     return Response({"items": [_device_item(d) for d in found[:size]],
                      "next_cursor": next_cursor})  # type: ignore[arg-type]
 
 
-@get("/v1/devices/{device:str}/latest", summary="Latest value of each metric of a device")
-async def device_latest(state: State, device: DeviceId) -> Response[LatestObject]:
-    found = await queries.latest(services_of(state).pool, [device])
+@get("/v1/devices/{device:str}/latest", summary="Latest value of each metric of a device",
+     **requires("read"))
+async def device_latest(request: KeyedRequest, state: State, device: DeviceId
+                        ) -> Response[LatestObject]:
+    # Outside the key's prefix answers as an unknown device: no hint that it exists.
+    pool = services_of(state).pool
+    found = await queries.latest(pool, [device]) if request.auth.covers(device) else []
     if not found:
         return error(404, f"unknown device {device!r}")
     return Response(found[0])  # type: ignore[arg-type]
 
 
-@get("/v1/latest", summary="Latest values of several devices (by id, or all by page)")
-async def bulk_latest(state: State, device: Annotated[list[str] | None, QueryParameter(
-        required=False)] = None, limit: OptionalQuery = None,
-        cursor: OptionalQuery = None) -> Response[LatestPage]:
+@get("/v1/latest", summary="Latest values of several devices (by id, or all by page)",
+     **requires("read"))
+async def bulk_latest(request: KeyedRequest, state: State,
+                      device: Annotated[list[str] | None, QueryParameter(required=False)] = None,
+                      limit: OptionalQuery = None, cursor: OptionalQuery = None
+                      ) -> Response[LatestPage]:
     services = services_of(state)
+    key = request.auth
     if device:
         if len(device) > 1000:
             return error(422, "at most 1000 device ids", parameter="device")
-        items = await queries.latest(services.pool, sorted(set(device)))
+        items = await queries.latest(services.pool, sorted({d for d in device if key.covers(d)}))
         return Response({"items": items, "next_cursor": None})  # type: ignore[arg-type]
     try:
         size = query_int("limit", limit, 100, 1, 1000)
         after = _cursor(cursor)
     except BadQuery as exc:
         return bad_query(exc)
-    page = await queries.list_devices(services.pool, prefix="", limit=size, after=after)
+    page = await queries.list_devices(services.pool, prefix=key.prefix, limit=size, after=after)
     items = await queries.latest(services.pool, [d.name for d in page[:size]])
     next_cursor = encode_cursor(page[size - 1].name) if len(page) > size else None
     return Response({"items": items, "next_cursor": next_cursor})  # type: ignore[arg-type]
@@ -171,15 +185,17 @@ async def _page(services: Services, q: _HistoryQuery, limit: int,
 
 
 @get("/v1/devices/{device:str}/readings",
-     summary="Readings of a device in [from, to); JSON pages, or NDJSON/CSV export")
+     summary="Readings of a device in [from, to); JSON pages, or NDJSON/CSV export",
+     **requires("read"))
 async def device_readings(
-    request: Request[Any, Any, Any], state: State, device: DeviceId,
+    request: KeyedRequest, state: State, device: DeviceId,
     from_: Annotated[str | None, QueryParameter(name="from", required=False)] = None,
     to: OptionalQuery = None, metrics: OptionalQuery = None, order: OptionalQuery = None,
     limit: OptionalQuery = None, cursor: OptionalQuery = None,
 ) -> Response[HistoryPage] | Stream:
     services = services_of(state)
-    found = await queries.find_device(services.pool, device)
+    found = (await queries.find_device(services.pool, device)
+             if request.auth.covers(device) else None)
     if found is None:
         return error(404, f"unknown device {device!r}")
     try:
@@ -242,9 +258,11 @@ async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str
     yield buffer.getvalue()
 
 
-@get("/vital-data", summary="Compatibility: devices with their latest values (old API)")
+@get("/vital-data", summary="Compatibility: devices with their latest values (old API)",
+     **requires("read"))
 async def get_vital_data(
-    state: State, count: OptionalQuery = None, offset: OptionalQuery = None,
+    request: KeyedRequest, state: State, count: OptionalQuery = None,
+    offset: OptionalQuery = None,
     sort_by: Annotated[str | None, QueryParameter(name="sortBy", required=False)] = None,
     order_by: Annotated[str | None, QueryParameter(name="orderBy", required=False)] = None,
 ) -> Response[CompatPage]:
@@ -257,7 +275,7 @@ async def get_vital_data(
         return _compat_error("orderBy: must be asc or desc")
     total, resources = await queries.compat_page(
         services_of(state).pool, sort_by=sort_by or "timestamp",
-        descending=order_by != "asc", count=size, offset=skip)
+        descending=order_by != "asc", count=size, offset=skip, prefix=request.auth.prefix)
     return Response(CompatPage(total, resources))
 
 

@@ -12,7 +12,9 @@ from litestar.datastructures import State
 from litestar.exceptions import ClientException
 
 from vitalstore.api.common import error, services_of
+from vitalstore.auth import forbid_outside_prefix, requires
 from vitalstore.ingest import Overloaded, Rejected, Unavailable
+from vitalstore.keys import ApiKey
 from vitalstore.readings import InvalidItems, ItemError, MalformedBody, TooManyItems
 from vitalstore.services import Services
 from vitalstore.writer import CONNECTION_ERRORS, to_rows
@@ -81,11 +83,12 @@ def _media_type(request: Request[Any, Any, Any]) -> str:
     return request.headers.get("content-type", JSON).split(";", 1)[0].strip().lower()
 
 
-async def ingest(request: Request[Any, Any, Any], services: Services) -> int:
-    """Validate, resolve ids, and wait for the commit; returns how many readings were stored.
+async def ingest(request: Request[Any, ApiKey, Any], services: Services) -> int:
+    """Validate, check the key's prefix, resolve ids, and wait for the commit.
 
-    Raises BodyProblem, MalformedBody, TooManyItems, InvalidItems, Overloaded, Unavailable or
-    Rejected; nothing of the request is stored unless it returns.
+    Returns how many readings were stored. Raises BodyProblem, MalformedBody, TooManyItems,
+    InvalidItems, PermissionDeniedException (a device outside the key's prefix), Overloaded,
+    Unavailable or Rejected; nothing of the request is stored unless it returns.
     """
     settings = services.settings
     media_type = _media_type(request)
@@ -99,6 +102,8 @@ async def ingest(request: Request[Any, Any, Any], services: Services) -> int:
     readings = services.validator.decode(body, media_type)
     if not readings:
         return 0
+    # Before ids are resolved: a refused request must not even register its devices.
+    forbid_outside_prefix(request.auth, (r.device for r in readings))
     try:
         device_ids = await services.device_ids.ids(
             services.pool, {r.device for r in readings}, create=True)
@@ -114,8 +119,9 @@ def _item_errors(errors: list[ItemError]) -> list[dict[str, Any]]:
     return [msgspec.structs.asdict(e) for e in errors]
 
 
-@post("/v1/readings", status_code=202, summary="Store readings; answers after they commit")
-async def post_readings(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+@post("/v1/readings", status_code=202, summary="Store readings; answers after they commit",
+      **requires("ingest"))
+async def post_readings(request: Request[Any, ApiKey, Any], state: State) -> Response[Any]:
     """One reading object or an array of them (JSON), or one per line (NDJSON); gzip allowed."""
     try:
         accepted = await ingest(request, services_of(state))
@@ -135,8 +141,9 @@ async def post_readings(request: Request[Any, Any, Any], state: State) -> Respon
     return Response(Accepted(accepted), status_code=202)
 
 
-@post("/vital-data", status_code=202, summary="Compatibility: store readings (old API)")
-async def post_vital_data(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+@post("/vital-data", status_code=202, summary="Compatibility: store readings (old API)",
+      **requires("ingest"))
+async def post_vital_data(request: Request[Any, ApiKey, Any], state: State) -> Response[Any]:
     """The replaced system's ingest route, now durable: 202 only after commit."""
     try:
         await ingest(request, services_of(state))
@@ -160,13 +167,14 @@ def _compat_invalid(issues: list[Any]) -> Response[Any]:
                     status_code=400)
 
 
-@post("/bench/noop", status_code=202, include_in_schema=False)
-async def post_noop(request: Request[Any, Any, Any], state: State) -> Response[Any]:
-    """Benchmark reference: read, decode and validate like /v1/readings, store nothing."""
+@post("/bench/noop", status_code=202, include_in_schema=False, **requires("ingest"))
+async def post_noop(request: Request[Any, ApiKey, Any], state: State) -> Response[Any]:
+    """Benchmark reference: read, decode, validate, authorize like /v1/readings; store nothing."""
     services = services_of(state)
     body = await read_body(request, services.settings.max_body_bytes,
                            services.settings.body_timeout_s)
     readings = services.validator.decode(body, _media_type(request))
+    forbid_outside_prefix(request.auth, (r.device for r in readings))
     return Response(Accepted(len(readings)), status_code=202)
 
 

@@ -8,14 +8,15 @@ from litestar import Response, get
 from litestar.datastructures import State
 
 from vitalstore.api.common import services_of
+from vitalstore.auth import OPEN
 
 
-@get("/health", summary="The process is up")
+@get("/health", summary="The process is up", **OPEN)
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/ready", summary="Database reachable, schema at head, ingest buffer not full")
+@get("/ready", summary="Database reachable, schema at head, ingest buffer not full", **OPEN)
 async def ready(state: State) -> Response[dict[str, Any]]:
     services = services_of(state)
     problems = []

@@ -1,0 +1,77 @@
+"""Key management over HTTP (`admin` scope): create, list, revoke.
+
+An admin key bound to a prefix manages only keys within that prefix, so it cannot mint a key
+that reaches further than itself.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.datastructures import State
+from litestar.params import FromPath, JSONBody
+
+from vitalstore import keys
+from vitalstore.api.common import error, services_of
+from vitalstore.auth import requires
+from vitalstore.keys import ApiKey, InvalidKeySpec, KeyInfo
+
+AdminRequest = Request[Any, ApiKey, Any]
+
+
+class NewKey(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    scopes: list[str]
+    prefix: str | None = None
+
+
+class CreatedKey(msgspec.Struct):
+    name: str
+    scopes: list[str]
+    prefix: str | None
+    created_at: datetime
+    key: str  # shown once: only its hash is stored
+
+
+class KeyList(msgspec.Struct):
+    items: list[KeyInfo]
+
+
+@post("/v1/keys", status_code=201, summary="Create an API key; the key is in this answer only",
+      **requires("admin"))
+async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
+                     ) -> Response[CreatedKey]:
+    admin = request.auth
+    if not (data.prefix or "").startswith(admin.prefix):
+        return error(403, f"this key manages only keys within prefix {admin.prefix!r}")
+    services = services_of(state)
+    try:
+        key, info = await keys.create(services.pool, data.name, data.scopes, data.prefix)
+    except InvalidKeySpec as exc:
+        return error(422, str(exc))
+    return Response(CreatedKey(info.name, info.scopes, info.prefix, info.created_at, key),
+                    status_code=201)
+
+
+@get("/v1/keys", summary="API keys (never the keys themselves), revoked ones included",
+     **requires("admin"))
+async def list_keys(request: AdminRequest, state: State) -> KeyList:
+    return KeyList(await keys.list_all(services_of(state).pool, within=request.auth.prefix))
+
+
+@delete("/v1/keys/{name:str}", status_code=204, summary="Revoke the active key of that name",
+        **requires("admin"))
+async def revoke_key(request: AdminRequest, state: State, name: FromPath[str]
+                     ) -> Response[None]:
+    services = services_of(state)
+    if not await keys.revoke(services.pool, name, within=request.auth.prefix):
+        return error(404, f"no active key named {name!r}")
+    # At once in this process; other processes drop it when their cache entry expires.
+    services.keys.forget(name)
+    return Response(None, status_code=204)
+
+
+ROUTES = [create_key, list_keys, revoke_key]
