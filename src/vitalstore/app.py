@@ -13,9 +13,10 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
 from vitalstore import writer
-from vitalstore.api import devices, ingest, ops
+from vitalstore.api import aggregates, devices, ingest, ops
 from vitalstore.ingest import Batcher
 from vitalstore.readings import Validator
+from vitalstore.retention import Maintenance
 from vitalstore.services import Services
 from vitalstore.settings import Settings
 from vitalstore.writer import NameIds
@@ -86,15 +87,18 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 metric_ids=NameIds("metrics"),
                 schema_head=schema_head(),
             )
+            maintenance = Maintenance(settings, pool)
+            maintenance.start()
             try:
                 yield
             finally:
+                await maintenance.stop()
                 # Granian runs this after it stops serving: what is buffered is flushed here.
                 await batcher.close()
         finally:
             await pool.close()
 
-    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES]
+    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *aggregates.ROUTES]
     if settings.bench_routes:
         route_handlers += ingest.BENCH_ROUTES
     return Litestar(
