@@ -242,6 +242,15 @@ async def test_week_buckets_start_on_monday_and_long_buckets_at_the_origin(clien
             == timedelta(0)
 
 
+async def test_the_oldest_readings_are_in_the_first_bucket_when_from_is_left_out(client, device):
+    await post(client, [{"device": device, "timestamp": "2000-01-01T00:00:00Z", "hr": 1},
+                        {"device": device, "timestamp": "2000-01-02T12:00:00Z", "hr": 2}])
+    found = await items(client, device, bucket="7d")
+    assert [(i["start"], i["count"]) for i in found] == [("1999-12-27T00:00:00.000000Z", 2)]
+    found = await items(client, device, bucket="1d", from_="2000-01-01T00:00:01Z")
+    assert [(i["start"], i["count"]) for i in found] == [("2000-01-02T00:00:00.000000Z", 1)]
+
+
 async def test_empty_ranges(client, device):
     t = DAY0 + 4 * H
     await hourly_readings(client, device, t, 2)

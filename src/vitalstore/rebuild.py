@@ -8,8 +8,9 @@ the raw rows, grouped by `time_bucket` exactly as the ingest trigger groups them
 Safe next to live ingestion: a slice first locks the readings table against writers (`SHARE
 ROW EXCLUSIVE` on the hypertable's root, which every insert locks first), so no reading can
 commit between the raw rows being read and the rollups being replaced; the lock also
-serialises concurrent rebuilds. Ingestion pauses for a slice's duration (slices are sized to
-about a million raw rows, roughly a second), then goes on.
+serialises concurrent rebuilds. Ingestion pauses for a slice's duration, then goes on: slices
+are sized to about half a million raw rows (measured: 345,600 raw rows a slice took about 0.5 s
+on a shared 2-core machine), never less than one device.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from vitalstore.settings import Settings
 
 DAY = timedelta(days=1)
 ONE_MICROSECOND = timedelta(microseconds=1)
-SLICE_ROWS = 1_000_000
+SLICE_ROWS = 500_000
 ATTEMPTS = 3
 
 # Devices with raw rows on a day, found with one index probe each (a skip scan over the
@@ -142,7 +143,7 @@ async def rebuild(conn: asyncpg.Connection, start: datetime, end: datetime,
                 found = await conn.fetch(_GIVEN_DEVICES_OF_DAY, day, day + DAY, device_ids)
             for group in _groups(found):
                 total += await _rebuild_slice(conn, group, day)
-            bar.set_postfix(day=day.date().isoformat(), rows=total)
+            bar.set_postfix(day=day.date().isoformat(), rows=f"{total:,}")
     return total
 
 

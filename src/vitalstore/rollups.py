@@ -90,8 +90,11 @@ def floor_to(moment: datetime, width: timedelta) -> datetime:
 
 def whole_buckets(start: datetime, end: datetime, width: timedelta
                   ) -> tuple[datetime, datetime] | None:
-    """`[start, end)` clipped to whole buckets, or None when no whole bucket fits."""
-    start = min(max(start, EARLIEST), LATEST)
+    """`[start, end)` clipped to whole buckets, or None when no whole bucket fits.
+
+    A bucket that begins before 2000 is whole as far as data goes: no reading is older.
+    """
+    start = floor_to(EARLIEST, width) if start <= EARLIEST else min(start, LATEST)
     end = min(max(end, EARLIEST), LATEST)
     first = floor_to(start, width)
     if first < start:
@@ -112,36 +115,49 @@ class TooManyItems(Exception):
 _START = """to_char(start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 
 
-# The table names in these statements come from LEVELS, never from input (hence the noqa).
-def _device_sql(table: str, filtered: bool) -> str:
-    only = "AND metric_id = ANY($5::int4[])" if filtered else ""
+def _bucket_of(bucket: Bucket) -> str:
+    """The SQL giving a rollup row's request bucket: its own, or time_bucket over it."""
+    if bucket.width == bucket.level.width:
+        return "bucket"
+    return f"time_bucket(INTERVAL '{int(bucket.width.total_seconds())} seconds', bucket)"
+
+
+# Table names and bucket widths come from LEVELS and parse_bucket, never from raw input
+# (hence the noqa). Rows come out in the order and shape of the JSON items.
+def _device_sql(bucket: Bucket, filtered: bool) -> str:
+    only = "AND metric_id = ANY($4::int4[])" if filtered else ""
+    if bucket.width == bucket.level.width:
+        rows = f"""
+            SELECT metric_id, bucket AS start, count, sum, min, max FROM {bucket.level.table}
+            WHERE device_id = $1 AND bucket >= $2 AND bucket < $3 {only}"""  # noqa: S608
+    else:
+        rows = f"""
+            SELECT metric_id, {_bucket_of(bucket)} AS start, sum(count)::int8 AS count,
+                   sum(sum) AS sum, min(min) AS min, max(max) AS max
+            FROM {bucket.level.table}
+            WHERE device_id = $1 AND bucket >= $2 AND bucket < $3 {only}
+            GROUP BY 1, 2"""  # noqa: S608
     return f"""
         SELECT {_START} AS start, m.name AS metric, g.count, g.sum, g.min, g.max,
                g.sum / g.count AS avg
-        FROM (
-            SELECT metric_id, time_bucket($2::interval, bucket) AS start,
-                   sum(count)::int8 AS count, sum(sum) AS sum, min(min) AS min, max(max) AS max
-            FROM {table}
-            WHERE device_id = $1 AND bucket >= $3 AND bucket < $4 {only}
-            GROUP BY 1, 2
-        ) AS g
+        FROM ({rows}) AS g
         JOIN metrics m ON m.id = g.metric_id
         ORDER BY m.name, g.start
         LIMIT {MAX_ITEMS + 1}
     """  # noqa: S608
 
 
-def _fleet_sql(table: str, prefixed: bool) -> str:
-    devices = "AND device_id IN (SELECT id FROM devices WHERE starts_with(name, $5))" \
+def _fleet_sql(bucket: Bucket, prefixed: bool) -> str:
+    devices = "AND device_id IN (SELECT id FROM devices WHERE starts_with(name, $4))" \
         if prefixed else ""
     return f"""
         SELECT {_START} AS start, count, sum, min, max, sum / count AS avg, devices
         FROM (
-            SELECT time_bucket($2::interval, bucket) AS start, sum(count)::int8 AS count,
+            SELECT {_bucket_of(bucket)} AS start, sum(count)::int8 AS count,
                    sum(sum) AS sum, min(min) AS min, max(max) AS max,
                    count(DISTINCT device_id) AS devices
-            FROM {table}
-            WHERE metric_id = $1 AND bucket >= $3 AND bucket < $4 {devices}
+            FROM {bucket.level.table}
+            WHERE metric_id = $1 AND bucket >= $2 AND bucket < $3 {devices}
             GROUP BY 1
         ) AS g
         ORDER BY g.start
@@ -159,14 +175,12 @@ async def device_aggregates(pool: asyncpg.Pool, device_id: int, bucket: Bucket,
     span = whole_buckets(start, end, bucket.width)
     if span is None or metric_ids == []:
         return []
-    args: list[Any] = [device_id, bucket.width, *span]
-    if metric_ids is not None:
-        args.append(metric_ids)
+    scope: list[Any] = [device_id] if metric_ids is None else [device_id, metric_ids]
     rows: list[asyncpg.Record] = await pool.fetch(
-        _device_sql(bucket.level.table, metric_ids is not None), *args)
+        _device_sql(bucket, metric_ids is not None), device_id, *span, *scope[1:])
     if len(rows) > MAX_ITEMS:
-        scope = "device_id = $1" + (" AND metric_id = ANY($2::int4[])" if metric_ids else "")
-        raise TooManyItems(await _suggest(pool, bucket, start, end, scope, args[:1] + args[4:]))
+        where = "device_id = $1" + (" AND metric_id = ANY($2::int4[])" if metric_ids else "")
+        raise TooManyItems(await _suggest(pool, bucket, start, end, where, scope))
     return rows
 
 
@@ -180,11 +194,8 @@ async def fleet_aggregates(pool: asyncpg.Pool, metric_id: int, bucket: Bucket,
     span = whole_buckets(start, end, bucket.width)
     if span is None:
         return []
-    args: list[Any] = [metric_id, bucket.width, *span]
-    if prefix:
-        args.append(prefix)
     rows: list[asyncpg.Record] = await pool.fetch(
-        _fleet_sql(bucket.level.table, bool(prefix)), *args)
+        _fleet_sql(bucket, bool(prefix)), metric_id, *span, *([prefix] if prefix else []))
     if len(rows) > MAX_ITEMS:
         # Every device counts in the bound: an over-estimate, so the suggestion still fits.
         raise TooManyItems(await _suggest(pool, bucket, start, end, "metric_id = $1", [metric_id]))
