@@ -14,9 +14,10 @@ from litestar import Litestar, Request, Response, Router
 from litestar.openapi import OpenAPIConfig
 
 from vitalstore import auth, writer
-from vitalstore.api import devices, ingest, keys, ops
+from vitalstore.api import aggregates, devices, ingest, keys, ops
 from vitalstore.ingest import Batcher
 from vitalstore.readings import Validator
+from vitalstore.retention import Maintenance
 from vitalstore.services import Services
 from vitalstore.settings import Settings
 from vitalstore.writer import NameIds
@@ -95,15 +96,19 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 schema_head=schema_head(),
                 keys=auth.KeyStore(pool, settings),
             )
+            maintenance = Maintenance(settings, pool)
+            maintenance.start()
             try:
                 yield
             finally:
+                await maintenance.stop()
                 # Granian runs this after it stops serving: what is buffered is flushed here.
                 await batcher.close()
         finally:
             await pool.close()
 
-    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *keys.ROUTES]
+    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *keys.ROUTES,
+                      *aggregates.ROUTES]
     if settings.bench_routes:
         route_handlers += ingest.BENCH_ROUTES
     return Litestar(

@@ -14,6 +14,7 @@ import asyncpg
 
 from vitalstore import keys
 from vitalstore.app import ALEMBIC_INI, NotDurable, check_durability
+from vitalstore.readings import parse_time
 from vitalstore.settings import Settings
 
 
@@ -177,6 +178,13 @@ def _local_admin(settings: Settings, path: Path) -> None:
           f" http://{settings.host}:{settings.port}/v1/devices")
 
 
+def _time(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vitalstore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +198,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="create the database if needed, migrate to head")
     _add_keys_commands(commands)
+
+    rollups_cmd = commands.add_parser("rollups", help="rollup tables")
+    rollups_commands = rollups_cmd.add_subparsers(dest="rollups_command", required=True)
+    rebuild_cmd = rollups_commands.add_parser(
+        "rebuild", help="recompute the rollups of the whole UTC days holding [from, to)")
+    rebuild_cmd.add_argument("--from", dest="start", required=True, type=_time,
+                             help="RFC 3339 or Unix seconds")
+    rebuild_cmd.add_argument("--to", dest="end", required=True, type=_time,
+                             help="RFC 3339 or Unix seconds (exclusive)")
+    rebuild_cmd.add_argument("--device", help="only this device id")
+
+    maintenance = commands.add_parser("maintenance", help="retention")
+    maintenance_commands = maintenance.add_subparsers(dest="maintenance_command", required=True)
+    maintenance_commands.add_parser("run", help="apply VITALSTORE_RETENTION_* once")
 
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
@@ -208,6 +230,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         _local_admin(settings, args.file)
     elif args.command == "keys":
         asyncio.run(_keys_command(settings, args))
+    elif args.command == "rollups":
+        from vitalstore.rebuild import rebuild_command
+
+        print(asyncio.run(rebuild_command(settings, args.start, args.end, args.device)),
+              file=sys.stderr)
+    elif args.command == "maintenance":
+        from vitalstore.retention import maintenance_command
+
+        print(asyncio.run(maintenance_command(settings)), file=sys.stderr)
 
 
 if __name__ == "__main__":

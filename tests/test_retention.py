@@ -1,0 +1,138 @@
+"""Retention: raw chunks and rollup levels expire on their own horizons; aggregates outlive
+the raw readings they came from."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+
+from vitalstore.app import create_app
+from vitalstore.retention import MAINTENANCE_LOCK, apply_retention
+from vitalstore.settings import Settings
+
+RETENTION = {"retention_raw": "2d", "retention_1m": "5d"}
+HOUR = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+OLD = HOUR - timedelta(days=20)  # past the raw and the 1-minute horizons
+RECENT = HOUR - timedelta(hours=4)
+
+
+@pytest.fixture(scope="module")
+def settings(db_url: str) -> Settings:
+    """Short raw and 1-minute retention; maintenance only when asked (hourly otherwise)."""
+    return Settings(database_url=db_url, **RETENTION)
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def post_hours(client: Any, device: str, first: datetime) -> None:
+    """Readings every 10 minutes for 3 hours, with an attribute."""
+    body = [{"device": device, "timestamp": iso(first + timedelta(minutes=10 * n)),
+             "hr": 60 + n, "spo2": 95, "posture": "sitting"} for n in range(18)]
+    response = await client.post("/v1/readings", content=msgspec.json.encode(body),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 202, response.text
+
+
+async def aggregates(client: Any, device: str, bucket: str, start: datetime) -> list[Any]:
+    response = await client.get(f"/v1/devices/{device}/aggregates",
+                                params={"bucket": bucket, "from": iso(start)})
+    assert response.status_code == 200, response.text
+    items: list[Any] = response.json()["items"]
+    return items
+
+
+async def raw_times(db: asyncpg.Connection, device: str) -> tuple[set[datetime], set[datetime]]:
+    """Timestamps of the device's stored readings and attribute rows."""
+    readings = await db.fetch("SELECT DISTINCT ts FROM readings JOIN devices d ON d.id = device_id"
+                              " WHERE d.name = $1", device)
+    attributes = await db.fetch("SELECT ts FROM reading_attributes JOIN devices d"
+                                " ON d.id = device_id WHERE d.name = $1", device)
+    return {r["ts"] for r in readings}, {r["ts"] for r in attributes}
+
+
+def run_cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "VITALSTORE_DATABASE_URL": db_url,
+           **{f"VITALSTORE_{name.upper()}": value for name, value in RETENTION.items()}}
+    return subprocess.run([sys.executable, "-m", "vitalstore.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+async def test_maintenance_drops_raw_data_and_keeps_aggregates(client, db, db_url, device):
+    await post_hours(client, device, OLD)
+    await post_hours(client, device, RECENT)
+    hourly = await aggregates(client, device, "1h", OLD)
+    daily = await aggregates(client, device, "1d", OLD - timedelta(days=1))
+    assert sum(i["count"] for i in hourly) == 2 * 2 * 18
+    done = run_cli(db_url, "maintenance", "run")
+    assert done.returncode == 0, done.stderr
+    assert "readings" in done.stderr
+    # Raw readings and attributes of 20 days ago are gone, recent ones stay.
+    readings, attributes = await raw_times(db, device)
+    assert readings == attributes
+    assert min(readings) == RECENT
+    assert len(readings) == 18
+    # Hourly and daily aggregates answer as before; 1-minute rollups expired after 5 days.
+    assert await aggregates(client, device, "1h", OLD) == hourly
+    assert await aggregates(client, device, "1d", OLD - timedelta(days=1)) == daily
+    five_minutes = await aggregates(client, device, "5m", OLD)
+    assert {i["start"] for i in five_minutes} == {
+        iso(RECENT + timedelta(minutes=10 * n)) for n in range(18)}
+    history = await client.get(f"/v1/devices/{device}/readings",
+                               params={"from": iso(OLD), "to": iso(RECENT)})
+    assert history.json()["items"] == []
+
+
+async def test_rebuild_never_erases_rollups_whose_raw_data_expired(client, db, db_url, device):
+    await post_hours(client, device, OLD)
+    await post_hours(client, device, RECENT)
+    assert run_cli(db_url, "maintenance", "run").returncode == 0
+    hourly = await aggregates(client, device, "1h", OLD)
+    done = run_cli(db_url, "rollups", "rebuild", "--from", iso(OLD - timedelta(days=1)),
+                   "--to", iso(HOUR + timedelta(hours=1)), "--device", device)
+    assert done.returncode == 0, done.stderr
+    assert "VITALSTORE_RETENTION_RAW=2d" in done.stderr
+    assert await aggregates(client, device, "1h", OLD) == hourly
+
+
+async def test_service_applies_retention_on_its_own(client, db, settings, device, api_headers):
+    await post_hours(client, device, OLD)
+    await post_hours(client, device, RECENT)
+    hourly = await aggregates(client, device, "1h", OLD)
+    fast = msgspec.structs.replace(settings, maintenance_interval_s=0.2)
+    async with AsyncTestClient(create_app(fast), timeout=30) as service:
+        service.headers.update(api_headers)
+        deadline = time.monotonic() + 30
+        while min((await raw_times(db, device))[0]) < RECENT:
+            assert time.monotonic() < deadline, "raw chunks not dropped by the service"
+            await asyncio.sleep(0.2)
+        assert await aggregates(service, device, "1h", OLD) == hourly
+
+
+async def test_one_process_at_a_time_applies_retention(db, settings):
+    other = await asyncpg.connect(settings.database_url)
+    try:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK)
+        assert await apply_retention(db, settings) is None
+        await other.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
+        dropped = await apply_retention(db, settings)
+        assert dropped is not None
+        assert set(dropped) == {"readings", "reading_attributes", "rollup_1m"}
+    finally:
+        await other.close()
+
+
+async def test_forever_keeps_every_table(db, db_url):
+    forever = Settings(database_url=db_url, retention_raw="forever", retention_1m="forever")
+    assert await apply_retention(db, forever) == {}
