@@ -93,20 +93,23 @@ async def ingest(request: Request[Any, Any, Any], services: Services) -> int:
         raise BodyProblem(415, f"unsupported Content-Type {media_type!r}; use {JSON} or {NDJSON}")
     batcher = services.batcher
     # Refuse before reading the body: a full buffer answers at once.
-    if batcher.full:
-        raise Overloaded("ingest buffer full")
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    readings = services.validator.decode(body, media_type)
-    if not readings:
-        return 0
+    batcher.admit()
     try:
-        device_ids = await services.device_ids.ids(
-            services.pool, {r.device for r in readings}, create=True)
-        metric_ids = await services.metric_ids.ids(
-            services.pool, {name for r in readings for name, _ in r.metrics}, create=True)
-    except CONNECTION_ERRORS as exc:
-        raise Unavailable("database unavailable") from exc
-    await batcher.submit(to_rows(readings, device_ids, metric_ids))
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        readings = services.validator.decode(body, media_type)
+        if not readings:
+            return 0
+        try:
+            device_ids = await services.device_ids.ids(
+                services.pool, {r.device for r in readings}, create=True)
+            metric_ids = await services.metric_ids.ids(
+                services.pool, {name for r in readings for name, _ in r.metrics}, create=True)
+        except CONNECTION_ERRORS as exc:
+            raise Unavailable("database unavailable") from exc
+        rows = to_rows(readings, device_ids, metric_ids)
+    finally:
+        batcher.leave()
+    await batcher.submit(rows)
     return len(readings)
 
 
