@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import msgspec
@@ -14,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 
 from vitalstore import writer
 from vitalstore.api import devices, ingest, ops
+from vitalstore.api.common import database_refused, database_unavailable
 from vitalstore.ingest import Batcher
 from vitalstore.readings import Validator
 from vitalstore.services import Services
@@ -102,5 +104,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="vitalstore", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_body_bytes,
+        exception_handlers={
+            **{cast("type[Exception]", exc): database_unavailable
+               for exc in writer.CONNECTION_ERRORS},
+            asyncpg.DataError: database_refused,
+        },
         debug=False,
     )

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from litestar import Response
+from litestar import Request, Response
 from litestar.datastructures import State
 
 from vitalstore.readings import parse_time
@@ -55,3 +55,13 @@ def query_int(name: str, value: str | None, default: int, low: int, high: int) -
 
 def bad_query(exc: BadQuery) -> Response[Any]:
     return error(422, str(exc), parameter=exc.parameter)
+
+
+def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Exception handler: a read that lost its database answers 503, not 500."""
+    return error(503, "database unavailable", headers={"Retry-After": "1"})
+
+
+def database_refused(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Exception handler: a parameter PostgreSQL cannot take (a NUL in an id) is the client's."""
+    return error(422, f"a parameter the database cannot take: {exc}")

@@ -16,6 +16,7 @@ from litestar.response import Stream
 
 from vitalstore import queries
 from vitalstore.api.common import BadQuery, bad_query, error, query_int, query_time, services_of
+from vitalstore.api.responses import CompatError, RetryAfterOperation, errors
 from vitalstore.queries import BadCursor, decode_cursor, encode_cursor
 from vitalstore.services import Services
 
@@ -84,7 +85,8 @@ def _device_item(device: queries.Device) -> dict[str, str]:
             "last_seen": queries.datetime_to_rfc3339(device.last_seen)}
 
 
-@get("/v1/devices", summary="Devices by id, with first and last reading times")
+@get("/v1/devices", summary="Devices by id, with first and last reading times",
+     operation_class=RetryAfterOperation, responses=errors(422, 503))
 async def list_devices(state: State, prefix: OptionalQuery = None, limit: OptionalQuery = None,
                        cursor: OptionalQuery = None) -> Response[DevicePage]:
     services = services_of(state)
@@ -100,7 +102,8 @@ async def list_devices(state: State, prefix: OptionalQuery = None, limit: Option
                      "next_cursor": next_cursor})  # type: ignore[arg-type]
 
 
-@get("/v1/devices/{device:str}/latest", summary="Latest value of each metric of a device")
+@get("/v1/devices/{device:str}/latest", summary="Latest value of each metric of a device",
+     operation_class=RetryAfterOperation, responses=errors(404, 422, 503))
 async def device_latest(state: State, device: DeviceId) -> Response[LatestObject]:
     found = await queries.latest(services_of(state).pool, [device])
     if not found:
@@ -108,7 +111,8 @@ async def device_latest(state: State, device: DeviceId) -> Response[LatestObject
     return Response(found[0])  # type: ignore[arg-type]
 
 
-@get("/v1/latest", summary="Latest values of several devices (by id, or all by page)")
+@get("/v1/latest", summary="Latest values of several devices (by id, or all by page)",
+     operation_class=RetryAfterOperation, responses=errors(422, 503))
 async def bulk_latest(state: State, device: Annotated[list[str] | None, QueryParameter(
         required=False)] = None, limit: OptionalQuery = None,
         cursor: OptionalQuery = None) -> Response[LatestPage]:
@@ -170,7 +174,8 @@ async def _page(services: Services, q: _HistoryQuery, limit: int,
 
 
 @get("/v1/devices/{device:str}/readings",
-     summary="Readings of a device in [from, to); JSON pages, or NDJSON/CSV export")
+     summary="Readings of a device in [from, to); JSON pages, or NDJSON/CSV export",
+     operation_class=RetryAfterOperation, responses=errors(404, 422, 503))
 async def device_readings(
     request: Request[Any, Any, Any], state: State, device: DeviceId,
     from_: Annotated[str | None, QueryParameter(name="from", required=False)] = None,
@@ -241,7 +246,8 @@ async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str
     yield buffer.getvalue()
 
 
-@get("/vital-data", summary="Compatibility: devices with their latest values (old API)")
+@get("/vital-data", summary="Compatibility: devices with their latest values (old API)",
+     operation_class=RetryAfterOperation, responses=errors(400, 422, 503, s400=CompatError))
 async def get_vital_data(
     state: State, count: OptionalQuery = None, offset: OptionalQuery = None,
     sort_by: Annotated[str | None, QueryParameter(name="sortBy", required=False)] = None,

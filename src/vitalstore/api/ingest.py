@@ -12,13 +12,19 @@ from litestar.datastructures import State
 from litestar.exceptions import ClientException
 
 from vitalstore.api.common import error, services_of
-from vitalstore.services import Services
+from vitalstore.api.responses import (
+    JSON,
+    NDJSON,
+    CompatError,
+    ItemErrors,
+    ReadingsOperation,
+    errors,
+)
 from vitalstore.ingest import Overloaded, Rejected, Unavailable
 from vitalstore.readings import InvalidItems, ItemError, MalformedBody, TooManyItems
+from vitalstore.services import Services
 from vitalstore.writer import CONNECTION_ERRORS, to_rows
 
-JSON = "application/json"
-NDJSON = "application/x-ndjson"
 RETRY_AFTER = {"Retry-After": "1"}
 
 
@@ -30,6 +36,10 @@ class BodyProblem(Exception):
 
 class Accepted(msgspec.Struct):
     accepted: int
+
+
+class CompatAccepted(msgspec.Struct):
+    status: str
 
 
 def _inflate(data: bytes, limit: int) -> bytes:
@@ -113,15 +123,22 @@ async def ingest(request: Request[Any, Any, Any], services: Services) -> int:
     return len(readings)
 
 
+def _unavailable(services: Services, exc: Overloaded | Unavailable) -> Response[Any]:
+    return error(503, str(exc), headers=RETRY_AFTER)
+
+
 def _item_errors(errors: list[ItemError]) -> list[dict[str, Any]]:
     return [msgspec.structs.asdict(e) for e in errors]
 
 
-@post("/v1/readings", status_code=202, summary="Store readings; answers after they commit")
-async def post_readings(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+@post("/v1/readings", status_code=202, summary="Store readings; answers after they commit",
+      operation_class=ReadingsOperation, response_description="Stored (committed)",
+      responses=errors(400, 408, 413, 415, 422, 503, s422=ItemErrors))
+async def post_readings(request: Request[Any, Any, Any], state: State) -> Response[Accepted]:
     """One reading object or an array of them (JSON), or one per line (NDJSON); gzip allowed."""
+    services = services_of(state)
     try:
-        accepted = await ingest(request, services_of(state))
+        accepted = await ingest(request, services)
     except BodyProblem as exc:
         return error(exc.status, str(exc))
     except MalformedBody as exc:
@@ -129,20 +146,23 @@ async def post_readings(request: Request[Any, Any, Any], state: State) -> Respon
     except TooManyItems as exc:
         return error(413, str(exc))
     except InvalidItems as exc:
-        return Response({"errors": _item_errors(exc.errors)}, status_code=422)
+        return _invalid(_item_errors(exc.errors))
     except Rejected as exc:
-        return Response({"errors": [{"index": -1, "field": "", "message": str(exc)}]},
-                        status_code=422)
+        return _invalid([{"index": -1, "field": "", "message": str(exc)}])
     except (Overloaded, Unavailable) as exc:
-        return error(503, str(exc), headers=RETRY_AFTER)
+        return _unavailable(services, exc)
     return Response(Accepted(accepted), status_code=202)
 
 
-@post("/vital-data", status_code=202, summary="Compatibility: store readings (old API)")
-async def post_vital_data(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+@post("/vital-data", status_code=202, summary="Compatibility: store readings (old API)",
+      operation_class=ReadingsOperation, response_description="Stored (committed)",
+      responses=errors(400, 408, 413, 415, 503, s400=CompatError))
+async def post_vital_data(request: Request[Any, Any, Any],
+                          state: State) -> Response[CompatAccepted]:
     """The replaced system's ingest route, now durable: 202 only after commit."""
+    services = services_of(state)
     try:
-        await ingest(request, services_of(state))
+        await ingest(request, services)
     except BodyProblem as exc:
         if exc.status in (413, 415, 408):
             return error(exc.status, str(exc))
@@ -154,8 +174,12 @@ async def post_vital_data(request: Request[Any, Any, Any], state: State) -> Resp
     except Rejected as exc:
         return _compat_invalid([str(exc)])
     except (Overloaded, Unavailable) as exc:
-        return error(503, str(exc), headers=RETRY_AFTER)
-    return Response({"status": "accepted"}, status_code=202)
+        return _unavailable(services, exc)
+    return Response(CompatAccepted("accepted"), status_code=202)
+
+
+def _invalid(item_errors: list[dict[str, Any]]) -> Response[Any]:
+    return Response({"errors": item_errors}, status_code=422)
 
 
 def _compat_invalid(issues: list[Any]) -> Response[Any]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Response, get
 from litestar.datastructures import State
 
 from vitalstore.api.common import services_of
+from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.writer import CONNECTION_ERRORS
 
 
@@ -16,7 +18,13 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/ready", summary="Database reachable, schema at head, ingest buffer not full")
+class NotReady(msgspec.Struct):
+    status: str
+    problems: list[str]
+
+
+@get("/ready", summary="Database reachable, schema at head, ingest buffer not full",
+     operation_class=RetryAfterOperation, responses=errors(503, s503=NotReady))
 async def ready(state: State) -> Response[dict[str, Any]]:
     services = services_of(state)
     problems = []
