@@ -12,8 +12,9 @@ import asyncpg
 import msgspec
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
+from litestar.types import Message, Scope
 
-from vitalstore import writer
+from vitalstore import logs, metrics, writer
 from vitalstore.api import devices, ingest, ops
 from vitalstore.api.common import database_refused, database_unavailable
 from vitalstore.ingest import Batcher
@@ -59,6 +60,7 @@ def schema_head() -> str | None:
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the service; resources are opened in the lifespan and closed in its `finally`."""
     settings = settings or Settings.from_env()
+    app_metrics = metrics.Metrics()
 
     async def connect_writer() -> asyncpg.Connection:
         conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
@@ -76,7 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             async with pool.acquire() as conn:
                 await check_durability(conn)
-            batcher = Batcher(settings, connect_writer)
+            batcher = Batcher(settings, connect_writer, observe=app_metrics.observe_flush)
             await batcher.start()
             app.state.services = Services(
                 settings=settings,
@@ -87,16 +89,23 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 device_ids=NameIds("devices"),
                 metric_ids=NameIds("metrics"),
                 schema_head=schema_head(),
+                metrics=app_metrics,
             )
             try:
-                yield
+                async with app_metrics.sampler(lambda: batcher.buffered, pool):
+                    yield
             finally:
                 # Granian runs this after it stops serving: what is buffered is flushed here.
                 await batcher.close()
         finally:
             await pool.close()
 
-    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES]
+    async def on_send(message: Message, scope: Scope) -> None:
+        if message["type"] == "http.response.start":
+            logs.tag_response(message, scope)
+            app_metrics.count_response(message, scope)
+
+    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *metrics.ROUTES]
     if settings.bench_routes:
         route_handlers += ingest.BENCH_ROUTES
     return Litestar(
@@ -109,5 +118,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                for exc in writer.CONNECTION_ERRORS},
             asyncpg.DataError: database_refused,
         },
+        before_send=[on_send],
+        after_exception=[logs.log_exception],
+        # Logging is configured by `vitalstore serve` (logs.dict_config), not by Litestar.
+        logging_config=None,
         debug=False,
     )

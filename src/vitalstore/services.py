@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from vitalstore.ingest import Batcher
+from vitalstore.metrics import Metrics
 from vitalstore.readings import Validator
 from vitalstore.settings import Settings
 from vitalstore.writer import NameIds
@@ -21,3 +22,4 @@ class Services:
     device_ids: NameIds
     metric_ids: NameIds
     schema_head: str | None
+    metrics: Metrics

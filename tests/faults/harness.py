@@ -339,6 +339,20 @@ class RssSampler:
         return max(self.samples, default=0)
 
 
+async def metric(url: str, headers: dict[str, str], name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+        text = (await client.get("/metrics")).text
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{wanted}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
 def report(name: str, **figures: Any) -> None:
     """A line of figures in the test output (`pytest -s` or -rA shows it)."""
     parts = [f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"

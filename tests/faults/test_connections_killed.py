@@ -7,7 +7,15 @@ import time
 
 import asyncpg
 import httpx
-from harness import Load, check_acknowledged, check_rollups, headers_of, percentile, report
+from harness import (
+    Load,
+    check_acknowledged,
+    check_rollups,
+    headers_of,
+    metric,
+    percentile,
+    report,
+)
 
 KILL_FOR_S = 3.0
 KILL_EVERY_S = 0.1
@@ -58,6 +66,11 @@ async def test_killed_connections_give_202_or_503_and_the_service_recovers(serve
     assert all(a.retry_after for a in load.answers if a.status == 503)
     async with httpx.AsyncClient(base_url=server.url, headers=headers_of(server)) as client:
         assert (await client.get("/ready")).status_code == 200
+    assert await metric(server.url, headers_of(server), "vitalstore_unavailable_total",
+                        cause="database_unavailable") == statuses[503]
+    # Each failed flush is logged once, however many requests it held.
+    assert await metric(server.url, headers_of(server), "vitalstore_flushes_total",
+                        outcome="failed") == server.log.read_text().count("readings failed:")
 
     acknowledged, stored = await check_acknowledged(db, load)
     rollup_rows = await check_rollups(db)

@@ -11,6 +11,7 @@ from harness import (
     check_acknowledged,
     check_rollups,
     headers_of,
+    metric,
     percentile,
     report,
 )
@@ -56,6 +57,8 @@ async def test_stalled_database_fills_the_buffer_then_503s_fast_then_recovers(
     # Once the lock is gone, the 503s stop.
     after = [a for a in load.answers if a.sent > released + 0.5]
     assert after and all(a.status == 202 for a in after), load.statuses(after)
+    assert await metric(server.url, headers_of(server), "vitalstore_unavailable_total",
+                        cause="buffer_full") == statuses[503]
     growth = stall_rss - baseline_rss
     assert growth < 50 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
 

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, post
 from litestar.datastructures import State
-from litestar.exceptions import ClientException
+from litestar.exceptions import ClientException, InternalServerException
 
 from vitalstore.api.common import error, services_of
 from vitalstore.api.responses import (
@@ -81,6 +81,10 @@ async def read_body(request: Request[Any, Any, Any], max_bytes: int, timeout_s: 
         raise BodyProblem(408, f"body not received within {timeout_s:g} s") from None
     except ClientException as exc:  # Litestar's own size limit
         raise BodyProblem(exc.status_code, str(exc.detail)) from None
+    except InternalServerException:
+        # Litestar's word for a client that went away mid-body: nobody reads this answer,
+        # but it must not count (or log) as a server error.
+        raise BodyProblem(400, "client disconnected before the whole body arrived") from None
     body = b"".join(chunks)
     if encoding == "gzip":
         body = _inflate(body, max_bytes)
@@ -120,10 +124,12 @@ async def ingest(request: Request[Any, Any, Any], services: Services) -> int:
     finally:
         batcher.leave()
     await batcher.submit(rows)
+    services.metrics.accepted(len(readings))
     return len(readings)
 
 
 def _unavailable(services: Services, exc: Overloaded | Unavailable) -> Response[Any]:
+    services.metrics.unavailable.labels(exc.cause).inc()
     return error(503, str(exc), headers=RETRY_AFTER)
 
 
