@@ -19,14 +19,14 @@ from litestar.types import HTTPResponseStartEvent, Scope
 
 from vitalstore.settings import Settings
 
-REQUEST_ID_HEADER = "x-request-id"
 # An incoming id is echoed into logs and headers: only short, plain ones are taken.
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _SCOPE_KEY = "vitalstore.request_id"
 
 # Set from `request_id_of(scope)` by the code that logs about a request. Not by a middleware:
-# with any route middleware Litestar adds an exception-handling layer to every request
-# (measured: a few percent of a single-reading POST), and the handlers log nothing of their own.
+# with any route middleware Litestar adds an exception-handling layer to every request (a
+# few percent of a single-reading POST in a noisy A/B), and the handlers log nothing of their
+# own.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 _access = logging.getLogger("vitalstore.access")
 
