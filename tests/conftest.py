@@ -194,3 +194,12 @@ def server_factory(db_url: str, api_headers: dict[str, str]) -> Iterator[Any]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def auth(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The `api_headers` fixture where the service has API keys, else no headers."""
+    try:
+        return dict(request.getfixturevalue("api_headers"))
+    except pytest.FixtureLookupError:
+        return {}

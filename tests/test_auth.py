@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from litestar import get
 from litestar.exceptions import ServiceUnavailableException
 from litestar.testing import AsyncTestClient
-from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from vitalstore import auth, keys
 from vitalstore.app import create_app
@@ -77,8 +77,15 @@ async def registered(db: asyncpg.Connection, names: list[str]) -> set[str]:
     return {row["name"] for row in rows}
 
 
-def failures(reason: str) -> float:
-    return REGISTRY.get_sample_value("vitalstore_auth_failures_total", {"reason": reason}) or 0.0
+async def failures(client: Any, reason: str) -> float:
+    """The service's own count, as `/metrics` shows it."""
+    text = (await client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vitalstore_auth_failures_total" and \
+                    sample.labels.get("reason") == reason:
+                return float(sample.value)
+    return 0.0
 
 
 PROTECTED = [
@@ -459,24 +466,25 @@ async def test_database_holds_no_plaintext_key(client, db_url, make_key, admin_d
 
 async def test_failed_authentication_is_counted_and_logged_without_the_key(client, caplog):
     unknown = keys.generate()
-    before = failures("unknown"), failures("missing")
+    before = await failures(client, "unknown"), await failures(client, "missing")
     await asyncio.sleep(1.1)  # a fresh window of the rate-limited failure log
     with caplog.at_level(logging.WARNING, logger="vitalstore.auth"):
         assert (await client.get("/v1/devices", headers=bearer(unknown))).status_code == 401
         assert (await without_key(client, "GET", "/v1/devices")).status_code == 401
-    assert (failures("unknown"), failures("missing")) == (before[0] + 1, before[1] + 1)
+    assert (await failures(client, "unknown"), await failures(client, "missing")) == (
+        before[0] + 1, before[1] + 1)
     assert "authentication failed (unknown)" in caplog.text
     assert "authentication failed (missing)" in caplog.text
     assert unknown not in caplog.text and unknown[3:] not in caplog.text
 
 
 async def test_failure_log_is_rate_limited(client, caplog):
-    before = failures("unknown")
+    before = await failures(client, "unknown")
     await asyncio.sleep(1.1)
     with caplog.at_level(logging.WARNING, logger="vitalstore.auth"):
         for _ in range(40):
             await client.get("/v1/devices", headers=bearer(keys.generate()))
-    assert failures("unknown") == before + 40
+    assert await failures(client, "unknown") == before + 40
     lines = [r for r in caplog.records if "authentication failed" in r.getMessage()]
     assert len(lines) <= 2 * auth.LOG_PER_SECOND
 

@@ -6,15 +6,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import asyncpg
 import msgspec
-from litestar import Litestar, Request, Response, Router
+from litestar import Litestar, Router
+from litestar.exceptions import ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.types import Message, Scope
 
-from vitalstore import auth, writer
+from vitalstore import auth, logs, metrics, writer
 from vitalstore.api import aggregates, devices, ingest, keys, ops
+from vitalstore.api.common import database_refused, database_unavailable, invalid_request
 from vitalstore.ingest import Batcher
 from vitalstore.readings import Validator
 from vitalstore.retention import Maintenance
@@ -56,16 +59,10 @@ def schema_head() -> str | None:
     return ScriptDirectory.from_config(Config(str(ALEMBIC_INI))).get_current_head()
 
 
-def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    """A read that lost its connection answers 503 (the pool reconnects by itself), not 500."""
-    log.warning("database error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
-    return Response({"error": "database unavailable"}, status_code=503,
-                    headers={"Retry-After": "1"})
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the service; resources are opened in the lifespan and closed in its `finally`."""
     settings = settings or Settings.from_env()
+    app_metrics = metrics.Metrics()
 
     async def connect_writer() -> asyncpg.Connection:
         conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
@@ -83,7 +80,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             async with pool.acquire() as conn:
                 await check_durability(conn)
-            batcher = Batcher(settings, connect_writer)
+            batcher = Batcher(settings, connect_writer, observe=app_metrics.observe_flush)
             await batcher.start()
             app.state.services = Services(
                 settings=settings,
@@ -95,17 +92,24 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 metric_ids=NameIds("metrics"),
                 schema_head=schema_head(),
                 keys=auth.KeyStore(pool, settings),
+                metrics=app_metrics,
             )
             maintenance = Maintenance(settings, pool)
             maintenance.start()
             try:
-                yield
+                async with app_metrics.sampler(lambda: batcher.buffered, pool):
+                    yield
             finally:
                 await maintenance.stop()
                 # Granian runs this after it stops serving: what is buffered is flushed here.
                 await batcher.close()
         finally:
             await pool.close()
+
+    async def on_send(message: Message, scope: Scope) -> None:
+        if message["type"] == "http.response.start":
+            logs.tag_response(message, scope)
+            app_metrics.count_response(message, scope)
 
     route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *keys.ROUTES,
                       *aggregates.ROUTES]
@@ -116,13 +120,20 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(
             title="vitalstore", version="0.1.0", components=auth.OPENAPI_COMPONENTS,
-            openapi_router=Router("/schema", route_handlers=[], opt=auth.OPEN)),
+            openapi_router=Router("/schema", route_handlers=[], opt=auth.OPEN,
+                                  include_in_schema=False)),
         middleware=[auth.AuthMiddleware],
         exception_handlers={
             **auth.EXCEPTION_HANDLERS,  # type: ignore[dict-item]
-            **{error: database_unavailable
-               for error in (*writer.CONNECTION_ERRORS, asyncpg.PostgresError)},
+            **{cast("type[Exception]", exc): database_unavailable
+               for exc in (*writer.CONNECTION_ERRORS, asyncpg.PostgresError)},
+            asyncpg.DataError: database_refused,
+            ValidationException: invalid_request,
         },
         request_max_body_size=settings.max_body_bytes,
+        before_send=[on_send],
+        after_exception=[logs.log_exception],
+        # Logging is configured by `vitalstore serve` (logs.dict_config), not by Litestar.
+        logging_config=None,
         debug=False,
     )

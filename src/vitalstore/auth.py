@@ -293,4 +293,5 @@ def _error_response(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
 
 
 # The project's error shape (`{"error": ...}`) for what the middleware raises.
-EXCEPTION_HANDLERS: Final = {401: _error_response, 403: _error_response, 503: _error_response}
+EXCEPTION_HANDLERS: Final = {401: _error_response, 403: _error_response, 404: _error_response,
+                              503: _error_response}

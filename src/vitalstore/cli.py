@@ -12,7 +12,7 @@ from pathlib import Path
 
 import asyncpg
 
-from vitalstore import keys
+from vitalstore import keys, logs, metrics
 from vitalstore.app import ALEMBIC_INI, NotDurable, check_durability
 from vitalstore.readings import parse_time
 from vitalstore.settings import Settings
@@ -68,6 +68,7 @@ def serve(settings: Settings) -> None:
     """Run the app under granian (app factory), `settings.workers` processes."""
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.log import LogLevels
 
     try:
         asyncio.run(_preflight(settings))
@@ -76,7 +77,7 @@ def serve(settings: Settings) -> None:
     # Workers rebuild the settings from the environment: pass the flags on through it.
     for field in ("host", "port", "workers"):
         os.environ[f"VITALSTORE_{field.upper()}"] = str(getattr(settings, field))
-    Granian(
+    server = Granian(
         "vitalstore.app:create_app",
         factory=True,
         address=settings.host,
@@ -86,8 +87,14 @@ def serve(settings: Settings) -> None:
         http=HTTPModes.http1,
         loop=Loops.uvloop,
         log_access=False,
-        workers_kill_timeout=int(settings.shutdown_timeout_s) + 5,
-    ).serve()
+        log_level=LogLevels(settings.log_level.lower()),
+        log_dictconfig=logs.dict_config(settings),
+        # Requests in flight at SIGTERM are answered within a flush timeout, then the
+        # lifespan flushes what is left: granian must not kill the workers before.
+        workers_kill_timeout=int(max(settings.shutdown_timeout_s, settings.flush_timeout_s)) + 5,
+    )
+    with metrics.multiprocess_mode():
+        server.serve()
 
 
 LOCAL_ADMIN = "local-admin"

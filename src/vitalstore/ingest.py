@@ -28,9 +28,15 @@ log = logging.getLogger(__name__)
 class Overloaded(Exception):
     """The buffer is full: 503, retry soon."""
 
+    cause = "buffer_full"
+
 
 class Unavailable(Exception):
     """The database cannot be reached, or the service is shutting down: 503."""
+
+    def __init__(self, message: str, cause: str = "database_unavailable") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class Rejected(Exception):
@@ -63,6 +69,8 @@ class Batcher:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_readings = 0
         self._buffered = 0  # readings queued or being flushed, not yet answered
+        self._admitted = 0  # requests let in whose body is being read, not yet submitted
+        self._mean_readings = 1.0  # readings per request, a moving average
         self._wakeup = asyncio.Event()
         self._closing = False
         self._available = True
@@ -90,7 +98,7 @@ class Batcher:
         for index in range(count):
             try:
                 self._connections[index] = await self._connect()
-            except writer.CONNECTION_ERRORS as exc:
+            except Exception as exc:
                 log.warning("database not reachable at start (%s); will retry", exc)
                 self._set_unavailable()
         self._workers = [
@@ -98,14 +106,37 @@ class Batcher:
             for index in range(count)
         ]
 
+    def admit(self) -> None:
+        """At a request's start, before its body is read: room for it, or raise at once.
+
+        Counts the requests already let in whose bodies are still being read and decoded:
+        checking the buffer alone lets everyone in while it is one request short of full, and
+        under overload most of them were refused only once their body had been read and
+        decoded (measured at 4x capacity: a third of the 503s, and the slowest of them).
+        Pair with `leave()`; `submit` still has the last word.
+        """
+        if self._closing:
+            raise Unavailable("shutting down", "shutting_down")
+        if not self._available:
+            raise Unavailable("database unavailable")
+        expected = self._buffered + (self._admitted + 1) * self._mean_readings
+        if expected > self._settings.buffer_max_readings:
+            raise Overloaded("ingest buffer full")
+        self._admitted += 1
+
+    def leave(self) -> None:
+        """The admitted request's body is read (or refused): it no longer counts as coming."""
+        self._admitted -= 1
+
     async def submit(self, rows: Rows) -> None:
         """Wait until `rows` are committed. Raises Overloaded, Unavailable or Rejected."""
         if self._closing:
-            raise Unavailable("shutting down")
+            raise Unavailable("shutting down", "shutting_down")
         if not self._available:
             raise Unavailable("database unavailable")
         if self._buffered + rows.readings > self._settings.buffer_max_readings:
             raise Overloaded("ingest buffer full")
+        self._mean_readings += (rows.readings - self._mean_readings) / 16
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(rows, future))
         self._queued_readings += rows.readings
@@ -131,12 +162,15 @@ class Batcher:
             log.error("shutdown timeout: %d readings not flushed", self._queued_readings)
             for task in self._workers:
                 task.cancel()
-            self._fail_queue(Unavailable("shutting down"))
+            self._fail_queue(Unavailable("shutting down", "shutting_down"))
         if self._probe is not None:
             self._probe.cancel()
         for conn in self._connections:
             if conn is not None and not conn.is_closed():
-                await conn.close(timeout=2)
+                try:
+                    await conn.close(timeout=2)
+                except Exception:
+                    conn.terminate()
 
     # -- writers ------------------------------------------------------------------------
 
@@ -145,11 +179,21 @@ class Batcher:
             batch = await self._next_batch()
             if batch is None:
                 return
-            conn = await self._connection(index)
-            if conn is None:
+            try:
+                conn = await self._connection(index)
+                if conn is None:
+                    self._fail(batch, Unavailable("database unavailable"))
+                    continue
+                await self._flush(index, conn, batch)
+            except Exception:
+                # A writer that died would leave its requests, and all later ones, waiting
+                # forever: whatever went wrong, answer them and carry on.
+                log.exception("writer %d failed; its requests get 503", index)
                 self._fail(batch, Unavailable("database unavailable"))
-                continue
-            await self._flush(index, conn, batch)
+            except asyncio.CancelledError:
+                # Shutdown ran out of time mid-flush: not acknowledged (the client retries).
+                self._fail(batch, Unavailable("shutting down", "shutting_down"))
+                raise
 
     async def _next_batch(self) -> list[_Pending] | None:
         """Whole requests up to the flush size, gathered for at most the flush interval."""
@@ -186,8 +230,8 @@ class Batcher:
             return conn
         try:
             conn = await self._connect()
-        except writer.CONNECTION_ERRORS as exc:
-            log.warning("database connection failed: %s", exc)
+        except Exception as exc:
+            log.warning("database connection failed: %s: %s", type(exc).__name__, exc)
             self._set_unavailable()
             return None
         self._connections[index] = conn
@@ -205,16 +249,13 @@ class Batcher:
             await self._write(conn, rows)
         except writer.DATA_ERRORS as exc:
             outcome = "rejected"
-            await self._isolate(conn, batch, exc)
-        except (*writer.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            await self._isolate(index, conn, batch, exc)
+        except Exception as exc:
             outcome = "failed"
             # Logged once per flush, not once per request.
             log.error("flush of %d readings failed: %s: %s", rows.readings,
                       type(exc).__name__, exc)
-            if isinstance(exc, writer.CONNECTION_ERRORS) or conn.is_closed():
-                conn.terminate()
-                self._connections[index] = None
-                self._set_unavailable()
+            self._discard(index, conn, exc)
             self._fail(batch, Unavailable("database unavailable"))
         else:
             for pending in batch:
@@ -224,13 +265,17 @@ class Batcher:
             self._observe(len(batch), rows.readings, time.perf_counter() - started, outcome)
 
     async def _write(self, conn: asyncpg.Connection, rows: Rows) -> None:
-        async with asyncio.timeout(self._settings.flush_timeout_s):
-            try:
-                await writer.write(conn, rows)
-            except writer.TRANSIENT_ERRORS:
-                await writer.write(conn, rows)
+        timeout = self._settings.flush_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    await writer.write(conn, rows)
+                except writer.TRANSIENT_ERRORS:
+                    await writer.write(conn, rows)
+        except TimeoutError:
+            raise TimeoutError(f"not committed within {timeout:g} s") from None
 
-    async def _isolate(self, conn: asyncpg.Connection, batch: list[_Pending],
+    async def _isolate(self, index: int, conn: asyncpg.Connection, batch: list[_Pending],
                        error: BaseException) -> None:
         """One request's bad data must not fail the others: write each request alone."""
         if len(batch) == 1:
@@ -238,15 +283,32 @@ class Batcher:
             return
         log.warning("flush refused by the database (%s); retrying its %d requests one by one",
                     error, len(batch))
-        for pending in batch:
+        for position, pending in enumerate(batch):
             try:
                 await self._write(conn, pending.rows)
             except writer.DATA_ERRORS as exc:
                 self._fail([pending], Rejected(_database_message(exc)))
-            except (*writer.CONNECTION_ERRORS, asyncpg.PostgresError):
-                self._fail([pending], Unavailable("database unavailable"))
+            except Exception as exc:
+                log.error("retry of a refused flush failed: %s: %s", type(exc).__name__, exc)
+                self._discard(index, conn, exc)
+                self._fail(batch[position:], Unavailable("database unavailable"))
+                return
             else:
                 pending.future.set_result(None)
+
+    def _discard(self, index: int, conn: asyncpg.Connection, error: BaseException) -> None:
+        """After any failure but refused data a connection is suspect (asyncpg may have left
+        it mid-protocol, e.g. InternalClientError after pg_terminate_backend): drop it; the
+        writer opens a new one for its next flush."""
+        lost = isinstance(error, writer.CONNECTION_ERRORS) or conn.is_closed()
+        conn.terminate()
+        if self._connections[index] is conn:
+            self._connections[index] = None
+        if lost:
+            self._set_unavailable()
+            # What is queued would meet the same fate one flush timeout after another (a
+            # stalled database): answer it now, so no request waits more than one timeout.
+            self._fail_queue(Unavailable("database unavailable"))
 
     def _fail(self, batch: list[_Pending], error: Exception) -> None:
         for pending in batch:
@@ -272,16 +334,13 @@ class Batcher:
         while not self._closing:
             try:
                 conn = await self._connect()
-            except writer.CONNECTION_ERRORS:
+            except Exception:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            for index, existing in enumerate(self._connections):
-                if existing is None or existing.is_closed():
-                    self._connections[index] = conn
-                    break
-            else:
-                await conn.close()
+            # Only a probe: handing it to a writer's slot would race with that writer opening
+            # its own (a leaked connection, or one shared by two).
+            conn.terminate()
             self._available = True
             log.info("database reachable again")
             return

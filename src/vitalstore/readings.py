@@ -7,6 +7,7 @@ validation pass; nothing here touches the database.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -25,6 +26,9 @@ _MILLISECONDS_HINT = 100_000_000_000
 MAX_DEVICE_CHARS = 128
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_REPORTED_ERRORS = 100
+# Attributes are small records, not documents; this also keeps every later recursive step
+# (re-encoding, PostgreSQL's jsonb) far from its own limits.
+MAX_ATTRIBUTE_DEPTH = 32
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -53,6 +57,10 @@ class MalformedBody(Exception):
 
 class TooManyItems(Exception):
     """More readings in one request than allowed: 413."""
+
+
+class _DuplicateKey(Exception):
+    pass
 
 
 class InvalidItems(Exception):
@@ -135,17 +143,20 @@ class Validator:
 
     def decode(self, body: bytes, content_type: str) -> list[Reading]:
         """Decode and validate a request body; raises MalformedBody/TooManyItems/InvalidItems."""
-        if content_type == "application/x-ndjson":
-            items = self._decode_ndjson(body)
-        else:
-            items = self._decode_json(body)
-        return self.validate(items)
+        ndjson = content_type == "application/x-ndjson"
+        items = self._decode_ndjson(body) if ndjson else self._decode_json(body)
+        readings, pairs = self._validate(items)
+        if pairs != _raw_pairs(body):
+            _refuse_duplicate_keys(body, ndjson)
+        return readings
 
     def _decode_json(self, body: bytes) -> list[Any]:
         try:
             decoded = _decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise MalformedBody(f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise MalformedBody("malformed JSON: nested too deeply") from None
         if isinstance(decoded, dict):
             return [decoded]
         if isinstance(decoded, list):
@@ -165,22 +176,39 @@ class Validator:
                 items.append(_decoder.decode(line))
             except msgspec.DecodeError as exc:
                 raise MalformedBody(f"malformed JSON on line {number}: {exc}") from None
+            except RecursionError:
+                raise MalformedBody(f"malformed JSON on line {number}: nested too deeply"
+                                    ) from None
         return items
 
     def validate(self, items: list[Any]) -> list[Reading]:
         """Check every item; all valid gives the readings, else InvalidItems lists the errors."""
+        return self._validate(items)[0]
+
+    def _validate(self, items: list[Any]) -> tuple[list[Reading], int]:
+        """The readings, and the count `_raw_pairs` gives for their JSON if no key repeats."""
         readings: list[Reading] = []
         errors: list[ItemError] = []
+        pairs = 0
         latest_allowed = time.time() + self.max_future_skew_s
         for index, item in enumerate(items):
             reading = self._validate_item(index, item, latest_allowed, errors)
             if reading is not None:
                 readings.append(reading)
+                # Keys of device, timestamp and metrics, and every colon of the device, of a
+                # string timestamp and of the re-encoded attributes (pairs and strings alike);
+                # valid metric names and numbers hold none.
+                pairs += 2 + len(reading.metrics) + reading.device.count(":")
+                timestamp = item["timestamp"]
+                if isinstance(timestamp, str):
+                    pairs += timestamp.count(":")
+                if reading.attributes is not None:
+                    pairs += reading.attributes.count(b":")
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
         if errors:
             raise InvalidItems(errors[:MAX_REPORTED_ERRORS])
-        return readings
+        return readings, pairs
 
     def _validate_item(
         self, index: int, item: Any, latest_allowed: float, errors: list[ItemError]
@@ -241,6 +269,10 @@ class Validator:
                     continue
                 metrics.append((name, number + 0.0))  # + 0.0 turns -0.0 into 0.0
             else:
+                if isinstance(value, dict | list) and _too_deep(value, MAX_ATTRIBUTE_DEPTH):
+                    errors.append(ItemError(index, name[:80], f"nests deeper than "
+                                                              f"{MAX_ATTRIBUTE_DEPTH} levels"))
+                    continue
                 if attributes is None:
                     attributes = {}
                 attributes[name] = value
@@ -255,3 +287,47 @@ class Validator:
                 errors.append(ItemError(index, "", "attributes must not contain U+0000"))
                 return None
         return Reading(device, ts_us, metrics, encoded)  # type: ignore[arg-type]
+
+
+# Duplicate keys: msgspec keeps the last value of a repeated key without a word, which would
+# store something other than what was sent. Finding them exactly needs a second parse, too
+# dear for every request, so a count decides when to look. In JSON text a colon outside a
+# string separates one key from its value; inside a string it is written `:` or `\u003a`.
+# Counting the colons and `\u003a`s of the body gives at least the decoded key-value pairs
+# plus the colons of the decoded strings (more when a backslash is itself escaped), and
+# exactly that when no key repeats; a repeated key's pair (and its value's colons) is missing
+# from the decoded side. Equal counts (nearly always) prove there is none. Only a body whose
+# counts differ is parsed again to find out.
+
+def _raw_pairs(body: bytes) -> int:
+    return body.count(b":") + body.count(b"\\u003a") + body.count(b"\\u003A")
+
+
+def _too_deep(value: dict[str, Any] | list[Any], levels: int) -> bool:
+    if levels == 0:
+        return True
+    for child in value.values() if isinstance(value, dict) else value:
+        if (type(child) is dict or type(child) is list) and _too_deep(child, levels - 1):
+            return True
+    return False
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+
+
+def _refuse_duplicate_keys(body: bytes, ndjson: bool) -> None:
+    """Raises MalformedBody naming a key that repeats in one object, if there is one."""
+    for number, text in enumerate(body.split(b"\n") if ndjson else [body], start=1):
+        try:
+            json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            where = f" on line {number}" if ndjson else ""
+            raise MalformedBody(f"duplicate key {exc.args[0]!r} in a JSON object{where}"
+                                ) from None
+        except ValueError:
+            pass  # blank NDJSON line; msgspec has already read everything else

@@ -8,6 +8,7 @@ import asyncpg
 
 from vitalstore.auth import KeyStore
 from vitalstore.ingest import Batcher
+from vitalstore.metrics import Metrics
 from vitalstore.readings import Validator
 from vitalstore.settings import Settings
 from vitalstore.writer import NameIds
@@ -23,3 +24,4 @@ class Services:
     metric_ids: NameIds
     schema_head: str | None
     keys: KeyStore
+    metrics: Metrics

@@ -12,6 +12,7 @@ from litestar.params import FromPath, QueryParameter
 
 from vitalstore import queries, rollups
 from vitalstore.api.common import BadQuery, bad_query, error, query_time, services_of
+from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
 from vitalstore.keys import ApiKey
 from vitalstore.rollups import MAX_ITEMS, Bucket, TooManyItems
@@ -72,6 +73,7 @@ def _too_many(exc: TooManyItems) -> Response[Any]:
 
 @get("/v1/devices/{device:str}/aggregates",
      summary="Count, sum, min, max, avg of a device's metrics per bucket, in [from, to)",
+     operation_class=RetryAfterOperation, responses=errors(401, 403, 404, 422, 503),
      **requires("read"))
 async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
                             device: FromPath[str], from_: FromQuery = None,
@@ -108,6 +110,7 @@ async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
 
 @get("/v1/aggregates",
      summary="Count, sum, min, max, avg of one metric per bucket across devices, in [from, to)",
+     operation_class=RetryAfterOperation, responses=errors(401, 403, 422, 503),
      **requires("read"))
 async def fleet_aggregates(request: Request[Any, ApiKey, Any], state: State,
                            metric: OptionalQuery = None, from_: FromQuery = None,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from litestar import Response
+from litestar import Request, Response
 from litestar.datastructures import State
+from litestar.exceptions import ValidationException
 
 from vitalstore.readings import parse_time
 from vitalstore.services import Services
+
+log = logging.getLogger(__name__)
 
 
 def services_of(state: State) -> Services:
@@ -55,3 +59,22 @@ def query_int(name: str, value: str | None, default: int, low: int, high: int) -
 
 def bad_query(exc: BadQuery) -> Response[Any]:
     return error(422, str(exc), parameter=exc.parameter)
+
+
+def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Exception handler: a read that lost its database answers 503, not 500."""
+    log.warning("database error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+    return error(503, "database unavailable", headers={"Retry-After": "1"})
+
+
+def database_refused(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Exception handler: a parameter PostgreSQL cannot take (a NUL in an id) is the client's."""
+    return error(422, f"a parameter the database cannot take: {exc}")
+
+
+def invalid_request(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    """Litestar's own validation (a JSON body of the wrong shape) in the project's error shape."""
+    problems = "; ".join(str(item.get("message", item)) if isinstance(item, dict) else str(item)
+                         for item in (exc.extra or []) if item) if isinstance(exc.extra, list) \
+        else ""
+    return error(400, f"{exc.detail}: {problems}" if problems else str(exc.detail))

@@ -16,6 +16,7 @@ from litestar.response import Stream
 
 from vitalstore import queries
 from vitalstore.api.common import BadQuery, bad_query, error, query_int, query_time, services_of
+from vitalstore.api.responses import CompatError, RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
 from vitalstore.keys import ApiKey
 from vitalstore.queries import BadCursor, decode_cursor, encode_cursor
@@ -89,6 +90,7 @@ def _device_item(device: queries.Device) -> dict[str, str]:
 
 
 @get("/v1/devices", summary="Devices by id, with first and last reading times",
+     operation_class=RetryAfterOperation, responses=errors(401, 403, 422, 503),
      **requires("read"))
 async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuery = None,
                        limit: OptionalQuery = None, cursor: OptionalQuery = None
@@ -109,6 +111,7 @@ async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuer
 
 
 @get("/v1/devices/{device:str}/latest", summary="Latest value of each metric of a device",
+     operation_class=RetryAfterOperation, responses=errors(401, 403, 404, 422, 503),
      **requires("read"))
 async def device_latest(request: KeyedRequest, state: State, device: DeviceId
                         ) -> Response[LatestObject]:
@@ -121,6 +124,7 @@ async def device_latest(request: KeyedRequest, state: State, device: DeviceId
 
 
 @get("/v1/latest", summary="Latest values of several devices (by id, or all by page)",
+     operation_class=RetryAfterOperation, responses=errors(401, 403, 422, 503),
      **requires("read"))
 async def bulk_latest(request: KeyedRequest, state: State,
                       device: Annotated[list[str] | None, QueryParameter(required=False)] = None,
@@ -186,6 +190,7 @@ async def _page(services: Services, q: _HistoryQuery, limit: int,
 
 @get("/v1/devices/{device:str}/readings",
      summary="Readings of a device in [from, to); JSON pages, or NDJSON/CSV export",
+     operation_class=RetryAfterOperation, responses=errors(401, 403, 404, 422, 503),
      **requires("read"))
 async def device_readings(
     request: KeyedRequest, state: State, device: DeviceId,
@@ -259,6 +264,8 @@ async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str
 
 
 @get("/vital-data", summary="Compatibility: devices with their latest values (old API)",
+     operation_class=RetryAfterOperation,
+     responses=errors(400, 401, 403, 422, 503, s400=CompatError),
      **requires("read"))
 async def get_vital_data(
     request: KeyedRequest, state: State, count: OptionalQuery = None,

@@ -9,9 +9,17 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, post
 from litestar.datastructures import State
-from litestar.exceptions import ClientException
+from litestar.exceptions import ClientException, InternalServerException
 
 from vitalstore.api.common import error, services_of
+from vitalstore.api.responses import (
+    JSON,
+    NDJSON,
+    CompatError,
+    ItemErrors,
+    ReadingsOperation,
+    errors,
+)
 from vitalstore.auth import forbid_outside_prefix, requires
 from vitalstore.ingest import Overloaded, Rejected, Unavailable
 from vitalstore.keys import ApiKey
@@ -19,8 +27,6 @@ from vitalstore.readings import InvalidItems, ItemError, MalformedBody, TooManyI
 from vitalstore.services import Services
 from vitalstore.writer import CONNECTION_ERRORS, to_rows
 
-JSON = "application/json"
-NDJSON = "application/x-ndjson"
 RETRY_AFTER = {"Retry-After": "1"}
 
 
@@ -32,6 +38,10 @@ class BodyProblem(Exception):
 
 class Accepted(msgspec.Struct):
     accepted: int
+
+
+class CompatAccepted(msgspec.Struct):
+    status: str
 
 
 def _inflate(data: bytes, limit: int) -> bytes:
@@ -73,6 +83,10 @@ async def read_body(request: Request[Any, Any, Any], max_bytes: int, timeout_s: 
         raise BodyProblem(408, f"body not received within {timeout_s:g} s") from None
     except ClientException as exc:  # Litestar's own size limit
         raise BodyProblem(exc.status_code, str(exc.detail)) from None
+    except InternalServerException:
+        # Litestar's word for a client that went away mid-body: nobody reads this answer,
+        # but it must not count (or log) as a server error.
+        raise BodyProblem(400, "client disconnected before the whole body arrived") from None
     body = b"".join(chunks)
     if encoding == "gzip":
         body = _inflate(body, max_bytes)
@@ -96,23 +110,32 @@ async def ingest(request: Request[Any, ApiKey, Any], services: Services) -> int:
         raise BodyProblem(415, f"unsupported Content-Type {media_type!r}; use {JSON} or {NDJSON}")
     batcher = services.batcher
     # Refuse before reading the body: a full buffer answers at once.
-    if batcher.full:
-        raise Overloaded("ingest buffer full")
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    readings = services.validator.decode(body, media_type)
-    if not readings:
-        return 0
-    # Before ids are resolved: a refused request must not even register its devices.
-    forbid_outside_prefix(request.auth, (r.device for r in readings))
+    batcher.admit()
     try:
-        device_ids = await services.device_ids.ids(
-            services.pool, {r.device for r in readings}, create=True)
-        metric_ids = await services.metric_ids.ids(
-            services.pool, {name for r in readings for name, _ in r.metrics}, create=True)
-    except CONNECTION_ERRORS as exc:
-        raise Unavailable("database unavailable") from exc
-    await batcher.submit(to_rows(readings, device_ids, metric_ids))
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        readings = services.validator.decode(body, media_type)
+        if not readings:
+            return 0
+        # Before ids are resolved: a refused request must not even register its devices.
+        forbid_outside_prefix(request.auth, (r.device for r in readings))
+        try:
+            device_ids = await services.device_ids.ids(
+                services.pool, {r.device for r in readings}, create=True)
+            metric_ids = await services.metric_ids.ids(
+                services.pool, {name for r in readings for name, _ in r.metrics}, create=True)
+        except CONNECTION_ERRORS as exc:
+            raise Unavailable("database unavailable") from exc
+        rows = to_rows(readings, device_ids, metric_ids)
+    finally:
+        batcher.leave()
+    await batcher.submit(rows)
+    services.metrics.accepted(len(readings))
     return len(readings)
+
+
+def _unavailable(services: Services, exc: Overloaded | Unavailable) -> Response[Any]:
+    services.metrics.unavailable.labels(exc.cause).inc()
+    return error(503, str(exc), headers=RETRY_AFTER)
 
 
 def _item_errors(errors: list[ItemError]) -> list[dict[str, Any]]:
@@ -120,11 +143,14 @@ def _item_errors(errors: list[ItemError]) -> list[dict[str, Any]]:
 
 
 @post("/v1/readings", status_code=202, summary="Store readings; answers after they commit",
+      operation_class=ReadingsOperation, response_description="Stored (committed)",
+      responses=errors(400, 401, 403, 408, 413, 415, 422, 503, s422=ItemErrors),
       **requires("ingest"))
-async def post_readings(request: Request[Any, ApiKey, Any], state: State) -> Response[Any]:
+async def post_readings(request: Request[Any, ApiKey, Any], state: State) -> Response[Accepted]:
     """One reading object or an array of them (JSON), or one per line (NDJSON); gzip allowed."""
+    services = services_of(state)
     try:
-        accepted = await ingest(request, services_of(state))
+        accepted = await ingest(request, services)
     except BodyProblem as exc:
         return error(exc.status, str(exc))
     except MalformedBody as exc:
@@ -132,21 +158,24 @@ async def post_readings(request: Request[Any, ApiKey, Any], state: State) -> Res
     except TooManyItems as exc:
         return error(413, str(exc))
     except InvalidItems as exc:
-        return Response({"errors": _item_errors(exc.errors)}, status_code=422)
+        return _invalid(_item_errors(exc.errors))
     except Rejected as exc:
-        return Response({"errors": [{"index": -1, "field": "", "message": str(exc)}]},
-                        status_code=422)
+        return _invalid([{"index": -1, "field": "", "message": str(exc)}])
     except (Overloaded, Unavailable) as exc:
-        return error(503, str(exc), headers=RETRY_AFTER)
+        return _unavailable(services, exc)
     return Response(Accepted(accepted), status_code=202)
 
 
 @post("/vital-data", status_code=202, summary="Compatibility: store readings (old API)",
+      operation_class=ReadingsOperation, response_description="Stored (committed)",
+      responses=errors(400, 401, 403, 408, 413, 415, 503, s400=CompatError),
       **requires("ingest"))
-async def post_vital_data(request: Request[Any, ApiKey, Any], state: State) -> Response[Any]:
+async def post_vital_data(request: Request[Any, ApiKey, Any],
+                          state: State) -> Response[CompatAccepted]:
     """The replaced system's ingest route, now durable: 202 only after commit."""
+    services = services_of(state)
     try:
-        await ingest(request, services_of(state))
+        await ingest(request, services)
     except BodyProblem as exc:
         if exc.status in (413, 415, 408):
             return error(exc.status, str(exc))
@@ -158,8 +187,12 @@ async def post_vital_data(request: Request[Any, ApiKey, Any], state: State) -> R
     except Rejected as exc:
         return _compat_invalid([str(exc)])
     except (Overloaded, Unavailable) as exc:
-        return error(503, str(exc), headers=RETRY_AFTER)
-    return Response({"status": "accepted"}, status_code=202)
+        return _unavailable(services, exc)
+    return Response(CompatAccepted("accepted"), status_code=202)
+
+
+def _invalid(item_errors: list[dict[str, Any]]) -> Response[Any]:
+    return Response({"errors": item_errors}, status_code=422)
 
 
 def _compat_invalid(issues: list[Any]) -> Response[Any]:

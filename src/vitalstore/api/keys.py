@@ -12,10 +12,12 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody
 
 from vitalstore import keys
 from vitalstore.api.common import error, services_of
+from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import requires
 from vitalstore.keys import ApiKey, InvalidKeySpec, KeyInfo
 
@@ -41,6 +43,7 @@ class KeyList(msgspec.Struct):
 
 
 @post("/v1/keys", status_code=201, summary="Create an API key; the key is in this answer only",
+      operation_class=RetryAfterOperation, responses=errors(400, 401, 403, 422, 503),
       **requires("admin"))
 async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
                      ) -> Response[CreatedKey]:
@@ -57,21 +60,22 @@ async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
 
 
 @get("/v1/keys", summary="API keys (never the keys themselves), revoked ones included",
+     operation_class=RetryAfterOperation, responses=errors(401, 403, 503),
      **requires("admin"))
 async def list_keys(request: AdminRequest, state: State) -> KeyList:
     return KeyList(await keys.list_all(services_of(state).pool, within=request.auth.prefix))
 
 
 @delete("/v1/keys/{name:str}", status_code=204, summary="Revoke the active key of that name",
+        operation_class=RetryAfterOperation, responses=errors(401, 403, 404, 503),
         **requires("admin"))
-async def revoke_key(request: AdminRequest, state: State, name: FromPath[str]
-                     ) -> Response[None]:
+async def revoke_key(request: AdminRequest, state: State, name: FromPath[str]) -> None:
+    # `-> None`: a 204 that documents no body (a Response return would document JSON).
     services = services_of(state)
     if not await keys.revoke(services.pool, name, within=request.auth.prefix):
-        return error(404, f"no active key named {name!r}")
+        raise NotFoundException(f"no active key named {name!r}")
     # At once in this process; other processes drop it when their cache entry expires.
     services.keys.forget(name)
-    return Response(None, status_code=204)
 
 
 ROUTES = [create_key, list_keys, revoke_key]

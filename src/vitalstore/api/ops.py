@@ -1,14 +1,18 @@
-"""Operations: liveness and readiness."""
+"""Operations: liveness, readiness, Prometheus metrics."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Response, get
 from litestar.datastructures import State
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from vitalstore.api.common import services_of
-from vitalstore.auth import OPEN
+from vitalstore.api.responses import RetryAfterOperation, errors
+from vitalstore.auth import METRICS, OPEN
+from vitalstore.metrics import Metrics
 
 
 @get("/health", summary="The process is up", **OPEN)
@@ -16,7 +20,13 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/ready", summary="Database reachable, schema at head, ingest buffer not full", **OPEN)
+class NotReady(msgspec.Struct):
+    status: str
+    problems: list[str]
+
+
+@get("/ready", summary="Database reachable, schema at head, ingest buffer not full",
+     operation_class=RetryAfterOperation, responses=errors(503, s503=NotReady), **OPEN)
 async def ready(state: State) -> Response[dict[str, Any]]:
     services = services_of(state)
     problems = []
@@ -38,4 +48,13 @@ async def ready(state: State) -> Response[dict[str, Any]]:
     return Response({"status": "ready", "buffered": services.batcher.buffered})
 
 
-ROUTES = [health, ready]
+@get("/metrics", summary="Prometheus metrics (text format)", media_type=CONTENT_TYPE_LATEST,
+     sync_to_thread=False, **METRICS)
+def metrics_route(state: State) -> Response[bytes]:
+    services = state.services
+    metrics: Metrics = services.metrics
+    metrics.sample(services.batcher.buffered, services.pool)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [health, ready, metrics_route]

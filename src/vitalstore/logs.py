@@ -1,0 +1,145 @@
+"""Logs: one JSON object a line (plain text on a terminal), each carrying its request id.
+
+Granian configures logging in its main process and in each worker from the dict config built
+here (`vitalstore serve` passes it on), so its own messages come out in the same format.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import sys
+import time
+from contextvars import ContextVar
+from typing import Any, cast
+
+import msgspec
+from litestar.types import HTTPResponseStartEvent, Scope
+
+from vitalstore.settings import Settings
+
+# An incoming id is echoed into logs and headers: only short, plain ones are taken.
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_SCOPE_KEY = "vitalstore.request_id"
+
+# Set from `request_id_of(scope)` by the code that logs about a request. Not by a middleware:
+# with any route middleware Litestar adds an exception-handling layer to every request (a
+# few percent of a single-reading POST in a noisy A/B), and the handlers log nothing of their
+# own.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+_access = logging.getLogger("vitalstore.access")
+
+_encoder = msgspec.json.Encoder()
+# Attributes every LogRecord has; anything else passed in `extra=` goes into the JSON object.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = int(record.created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + \
+        f".{int((record.created - seconds) * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"time", "level", "logger", "message", "pid", "request_id"?, "exception"?, ...}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,  # which worker
+        }
+        rid = request_id.get()
+        if rid is not None:
+            entry["request_id"] = rid
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return _encoder.encode(entry).decode(errors="replace")
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-01-01T10:00:00.000Z INFO vitalstore.ingest [request id] message` for terminals."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = request_id.get()
+        text = f"{_timestamp(record)} {record.levelname:<7} {record.name}" + \
+            (f" [{rid}]" if rid else "") + f" {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def use_json(settings: Settings) -> bool:
+    if settings.log_format not in ("auto", "json", "text"):
+        raise ValueError(f"log_format must be auto, json or text, not {settings.log_format!r}")
+    if settings.log_format == "auto":
+        return not sys.stderr.isatty()
+    return settings.log_format == "json"
+
+
+def dict_config(settings: Settings) -> dict[str, Any]:
+    """A `logging.config.dictConfig` for the service (and granian's own logger)."""
+    level = settings.log_level.upper()
+    formatter = JsonFormatter if use_json(settings) else TextFormatter
+    handler = {"class": "logging.StreamHandler", "formatter": "vitalstore",
+               "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"vitalstore": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "handlers": {"vitalstore": handler},
+        "root": {"handlers": ["vitalstore"], "level": level},
+        "loggers": {
+            "_granian": {"handlers": ["vitalstore"], "level": level, "propagate": False},
+            "granian.access": {"handlers": ["vitalstore"], "level": level,
+                               "propagate": False},
+            # Alembic's plugin set-up chatter (schema_head() at start) is not news.
+            "alembic": {"level": "WARNING"},
+        },
+    }
+
+
+def request_id_of(scope: Scope) -> str:
+    """The request's id: a sane incoming `X-Request-ID`, else a new one; fixed per request."""
+    state = cast("dict[str, Any]", scope)
+    rid: str | None = state.get(_SCOPE_KEY)
+    if rid is None:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                if _SANE_REQUEST_ID.fullmatch(value):
+                    rid = value.decode()
+                break
+        if rid is None:
+            rid = f"{random.getrandbits(64):016x}"  # unique enough, and cheap
+        state[_SCOPE_KEY] = rid
+    return rid
+
+
+def tag_response(message: HTTPResponseStartEvent, scope: Scope) -> None:
+    """For the response start: every answer, unmatched routes included, carries its request id.
+
+    At DEBUG level the answer is also logged (an access log, off by default: the hot path
+    pays one level check).
+    """
+    rid = request_id_of(scope)
+    message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
+    if _access.isEnabledFor(logging.DEBUG):
+        request_id.set(rid)
+        _access.debug("%s %s %d", scope.get("method"), scope.get("path"), message["status"])
+
+
+def log_exception(exc: Exception, scope: Scope) -> None:
+    """An after-exception hook: an unhandled error (a 500) is logged with its traceback."""
+    status = getattr(exc, "status_code", 500)
+    if status >= 500:
+        request_id.set(request_id_of(scope))
+        logging.getLogger("vitalstore.app").error(
+            "unhandled error on %s %s", scope.get("method"), scope.get("path"),
+            exc_info=exc)

@@ -1,0 +1,360 @@
+"""The fault suite's load client and checks.
+
+The load client posts readings whose (device, timestamp) keys never repeat and records every
+answer. After a scenario, `check_acknowledged` proves that each reading that got a 202 is in
+the database exactly once with the values sent, and `check_rollups` that the rollups equal
+aggregates of the raw rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import math
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import msgspec
+import psutil
+
+DEVICES = 64
+METRICS = ("hr", "spo2")
+ROLLUPS = {"rollup_1m": "1 minute", "rollup_1h": "1 hour", "rollup_1d": "1 day"}
+
+
+class HttpClient:
+    """A small HTTP/1.1 client over raw asyncio streams, keep-alive, for load generation.
+
+    httpx queues requests in its own connection pool for seconds once a few hundred are in
+    flight, which would be measured as the server's latency; this client opens a connection
+    whenever none is idle, so a request's latency is the server's (and the network's).
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.timeout = timeout
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._open: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> HttpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self._open:
+            writer.close()
+        for writer in list(self._open):
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def post(self, path: str, body: bytes,
+                   content_type: str = "application/json") -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body); raises OSError/EOFError/TimeoutError on transport failure.
+
+        Like any keep-alive client, it does not reuse a connection the server has closed, and
+        retries once on a new connection a request whose reused connection was closed before
+        any answer came (the server never read it; the ingest routes are idempotent anyway).
+        """
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not (reader.at_eof() or writer.is_closing()):
+                try:
+                    return await self._exchange(reader, writer, path, body, content_type)
+                except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
+                    if getattr(exc, "partial", b""):
+                        raise
+                break
+            self._drop(writer)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), self.timeout)
+        self._open.add(writer)
+        return await self._exchange(reader, writer, path, body, content_type)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        path: str, body: bytes,
+                        content_type: str) -> tuple[int, dict[str, str], bytes]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                writer.write(
+                    f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{self._head}"
+                    f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
+                    .encode() + body)
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                status = int(lines[0].split(" ", 2)[1])
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        name, value = line.split(":", 1)
+                        headers[name.strip().lower()] = value.strip()
+                data = await reader.readexactly(int(headers.get("content-length", "0")))
+        except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError):
+            self._drop(writer)
+            raise
+        if headers.get("connection", "").lower() == "close":
+            self._drop(writer)
+        else:
+            self._idle.append((reader, writer))
+        return status, headers, data
+
+    def _drop(self, writer: asyncio.StreamWriter) -> None:
+        self._open.discard(writer)
+        writer.close()
+
+
+def headers_of(server: Any) -> dict[str, str]:
+    """The server's auth headers where the service has them (no auth: none)."""
+    return dict(getattr(server, "headers", None) or {})
+
+
+@dataclass(slots=True)
+class Answer:
+    """What one request got: a status, or the transport error that ended it."""
+
+    first: int  # reading numbers first .. first + count - 1
+    count: int
+    sent: float
+    latency: float
+    status: int | None
+    error: str | None = None
+    retry_after: str | None = None
+
+
+@dataclass
+class Load:
+    """Readings numbered 0, 1, 2...: reading n belongs to device n % DEVICES at BASE + n // DEVICES.
+
+    Timestamps are whole seconds some days back, values small integers: rollup sums stay exact.
+    """
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    per_request: int = 10
+    prefix: str = field(default_factory=lambda: f"fault-{uuid.uuid4().hex[:8]}")
+    base: int = field(default_factory=lambda: int(time.time()) - 20 * 86400)
+    answers: list[Answer] = field(default_factory=list)
+    timeout: float = 30.0
+    _numbers: Iterator[int] = field(default_factory=itertools.count)
+
+    def device(self, n: int) -> str:
+        return f"{self.prefix}-{n % DEVICES:02d}"
+
+    def reading(self, n: int) -> dict[str, Any]:
+        return {"device": self.device(n), "timestamp": self.base + n // DEVICES,
+                "hr": n % 200 + 1, "spo2": n % 7 + 90}
+
+    def client(self) -> HttpClient:
+        return HttpClient(self.url, self.headers, self.timeout)
+
+    def body(self, count: int | None = None,
+             patch: Callable[[list[dict[str, Any]]], None] | None = None) -> tuple[int, bytes]:
+        """The next `count` readings: (number of the first, JSON body); `patch` may alter them."""
+        count = count or self.per_request
+        first = next(self._numbers)
+        for _ in range(count - 1):
+            next(self._numbers)
+        readings = [self.reading(n) for n in range(first, first + count)]
+        if patch is not None:
+            patch(readings)
+        return first, msgspec.json.encode(readings)
+
+    async def post_once(self, client: HttpClient, count: int | None = None,
+                        patch: Callable[[list[dict[str, Any]]], None] | None = None,
+                        prepared: tuple[int, bytes] | None = None) -> Answer:
+        """Post the next `count` readings (or a body made beforehand by `body`)."""
+        count = count or self.per_request
+        first, body = prepared or self.body(count, patch)
+        sent = time.monotonic()
+        try:
+            status, headers, text = await client.post("/v1/readings", body)
+        except (OSError, EOFError, TimeoutError) as exc:
+            answer = Answer(first, count, sent, time.monotonic() - sent, None,
+                            type(exc).__name__)
+        else:
+            answer = Answer(first, count, sent, time.monotonic() - sent, status,
+                            None if status == 202 else text[:200].decode(errors="replace"),
+                            headers.get("retry-after"))
+        self.answers.append(answer)
+        return answer
+
+    async def closed_loop(self, stop: asyncio.Event, clients: int,
+                          pause_after_error: float = 0.01) -> None:
+        """`clients` keep-alive connections, each posting its next request after an answer."""
+        async with self.client() as client:
+
+            async def one() -> None:
+                while not stop.is_set():
+                    answer = await self.post_once(client)
+                    if answer.status != 202:
+                        await asyncio.sleep(pause_after_error)
+
+            await asyncio.gather(*(one() for _ in range(clients)))
+
+    async def open_loop(self, stop: asyncio.Event, rate: float, outstanding: int = 400,
+                        seconds: float | None = None) -> None:
+        """Requests at `rate` a second whatever the answers (at most `outstanding` at once).
+
+        With `seconds`, the bodies are made before the clock starts, so that the client's own
+        CPU does not limit the rate.
+        """
+        prepared = [self.body() for _ in range(math.ceil(rate * seconds))] if seconds else []
+        async with self.client() as client:
+            tasks: set[asyncio.Task[Answer]] = set()
+            started = time.monotonic()
+            for sent in itertools.count():
+                if stop.is_set():
+                    break
+                delay = started + sent / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if seconds is not None and sent >= len(prepared):
+                    break
+                if len(tasks) < outstanding:
+                    task = asyncio.create_task(self.post_once(
+                        client, prepared=prepared[sent] if prepared else None))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+
+    # -- summaries ------------------------------------------------------------------------
+
+    def acknowledged(self) -> list[Answer]:
+        return [a for a in self.answers if a.status == 202]
+
+    def statuses(self, answers: list[Answer] | None = None) -> collections.Counter[int | str]:
+        """How many answers of each status (or transport error)."""
+        return collections.Counter(a.status if a.status is not None else str(a.error)
+                                   for a in (self.answers if answers is None else answers))
+
+    def latencies(self, status: int) -> list[float]:
+        return sorted(a.latency for a in self.answers if a.status == status)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
+
+
+async def stored(db: asyncpg.Connection, load: Load) -> dict[tuple[str, int, str], list[float]]:
+    """Every stored value of the load's devices: (device, unix seconds, metric) -> values."""
+    rows = await db.fetch(
+        """SELECT d.name AS device, extract(epoch FROM r.ts)::bigint AS ts, m.name AS metric,
+                  r.value
+           FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics m ON m.id = r.metric_id
+           WHERE starts_with(d.name, $1)""", load.prefix + "-")
+    found: dict[tuple[str, int, str], list[float]] = collections.defaultdict(list)
+    for row in rows:
+        found[(row["device"], row["ts"], row["metric"])].append(row["value"])
+    return found
+
+
+async def check_acknowledged(db: asyncpg.Connection, load: Load) -> tuple[int, int]:
+    """Every acknowledged reading is stored exactly once with its values.
+
+    Returns (readings acknowledged, readings stored) of the load's devices.
+    """
+    found = await stored(db, load)
+    missing: list[tuple[str, int, str]] = []
+    acknowledged = 0
+    for answer in load.acknowledged():
+        for n in range(answer.first, answer.first + answer.count):
+            acknowledged += 1
+            reading = load.reading(n)
+            for metric in METRICS:
+                key = (reading["device"], reading["timestamp"], metric)
+                if found.get(key) != [float(reading[metric])]:
+                    missing.append(key)
+    assert not missing, f"{len(missing)} acknowledged values missing or wrong: {missing[:5]}"
+    duplicated = [key for key, values in found.items() if len(values) > 1]
+    assert not duplicated, f"stored more than once: {duplicated[:5]}"
+    return acknowledged, len({key[:2] for key in found})
+
+
+async def check_rollups(db: asyncpg.Connection) -> int:
+    """rollup_1m/1h/1d equal count/sum/min/max over time_bucket of the raw rows (whole db).
+
+    Returns the number of rollup rows compared.
+    """
+    compared = 0
+    for table, width in ROLLUPS.items():
+        raw = f"""SELECT device_id, metric_id, time_bucket(INTERVAL '{width}', ts) AS bucket,
+                         count(*) AS count, sum(value) AS sum, min(value) AS min,
+                         max(value) AS max
+                  FROM readings GROUP BY 1, 2, 3"""
+        kept = f"SELECT device_id, metric_id, bucket, count, sum, min, max FROM {table}"
+        differ = await db.fetch(f"({raw} EXCEPT {kept}) UNION ALL ({kept} EXCEPT {raw}) LIMIT 5")
+        assert not differ, f"{table} differs from the raw rows: {[dict(r) for r in differ]}"
+        compared += await db.fetchval(f"SELECT count(*) FROM {table}")
+    return compared
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its children (granian's workers)."""
+    try:
+        main = psutil.Process(pid)
+        processes = [main, *main.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total
+
+
+class RssSampler:
+    """Samples a server's RSS every `interval` seconds in the background."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.append(await asyncio.to_thread(rss_bytes, self.pid))
+            await asyncio.sleep(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)
+
+
+async def metric(url: str, headers: dict[str, str], name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+        text = (await client.get("/metrics")).text
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{wanted}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+def report(name: str, **figures: Any) -> None:
+    """A line of figures in the test output (`pytest -s` or -rA shows it)."""
+    parts = [f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+             for key, value in figures.items()]
+    print(f"\n[fault] {name}: " + " ".join(parts))
