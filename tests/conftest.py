@@ -137,11 +137,12 @@ class Server:
 
     def start(self, timeout: float = 20) -> Server:
         self.log.parent.mkdir(exist_ok=True)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vitalstore.cli", "serve"],
-            env=self.env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vitalstore.cli", "serve"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
