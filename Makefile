@@ -36,7 +36,7 @@ lint: $(STAMP) ## ruff and mypy (strict) on src
 bench: setup ## side-by-side benchmark (BENCH_DURATION s a phase): loadtest/results/bench.json
 	$(BIN)/python loadtest/bench.py
 
-bench-scale: setup ## latency at 1M then 20M readings (BENCH_SCALE_SIZES; ~15 GB disk, minutes)
+bench-scale: setup ## latency at 1M then 20M readings (BENCH_SCALE_SIZES; ~12 GB disk, ~15 min)
 	$(BIN)/python loadtest/bench_scale.py
 
 loadtest: setup ## locust fleet, headless (LOADTEST_DURATION, LOADTEST_USERS, LOADTEST_HOST)

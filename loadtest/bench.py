@@ -400,61 +400,69 @@ def goals(ratios: dict[str, float | None]) -> dict[str, Any]:
     return out
 
 
-def _fmt(value: float | None, unit: str = "") -> str:
+def fmt(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
-    text = f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
     return f"{text} {unit}".strip()
 
 
-def _lat(fig: dict[str, Any]) -> str:
+def latency(fig: dict[str, Any]) -> str:
     return f"p50 {fig['p50_ms']:.1f} / p99 {fig['p99_ms']:.1f} ms" if fig else "-"
 
 
+# The side-by-side layout, shared by the terminal table and loadtest/report.py:
+# (label, figure, key, unit, reference label, reference figure, key, ratio name).
+# A key of None means the latency cells of the figures.
+LAYOUT: list[tuple[str, str, str | None, str, str, str, str | None, str]] = [
+    ("single durable POST (4 metrics)", "single_post", "req_per_s", "req/s",
+     "no-op POST", "noop_post", "req_per_s", "single_vs_noop"),
+    ("  latency", "single_post", None, "", "", "noop_post", None, ""),
+    ("batch POST (1,000 x 4 metrics)", "batch_post", "rows_per_s", "rows/s",
+     "COPY ceiling, 1 conn", "copy_ceiling", "rows_per_s", "batch_vs_copy"),
+    ("GET /v1/devices/{id}/latest", "latest_get", "req_per_s", "req/s",
+     "no-op GET", "noop_get", "req_per_s", "latest_vs_noop_get"),
+    ("  latency", "latest_get", None, "", "", "noop_get", None, ""),
+    ("GET /v1/latest, 100 devices", "latest_100_get", "req_per_s", "req/s",
+     "", "", "", ""),
+    ("  latency", "latest_100_get", None, "", "", "", "", ""),
+    (f"aggregates {AGG_DAYS} d hourly", "aggregates", "endpoint_ms", "ms",
+     "time_bucket over raw", "aggregates", "raw_time_bucket_ms", "rollup_speedup"),
+    ("single durable POST", "single_post", "req_per_s", "req/s",
+     "naive FastAPI+ORM", "naive_post", "req_per_s", "vs_naive"),
+    ("  latency", "single_post", None, "", "", "naive_post", None, ""),
+    ("batch POST with rollups", "batch_post", "rows_per_s", "rows/s",
+     "without rollups", "batch_post_no_rollups", "rows_per_s", "rollup_ingest_cost"),
+    ("COPY with rollups", "copy_ceiling", "rows_per_s", "rows/s",
+     "without rollups", "copy_ceiling_no_rollups", "rows_per_s", ""),
+    ("peak RSS of the service", "peak_rss_mb", "service", "MB",
+     "naive baseline", "peak_rss_mb", "naive", ""),
+]
+
+
+def side_by_side(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(label, value, reference label, reference value, ratio name) of every LAYOUT row."""
+    figures = report["figures"]
+
+    def cell(name: str, key: str | None, unit: str) -> str:
+        fig: dict[str, Any] = figures.get(name) or {}
+        if not name or "skipped" in fig:
+            return "-" if name else ""
+        return latency(fig) if key is None else fmt(fig.get(key), unit)
+
+    return [(label, cell(name, key, unit), ref_label, cell(ref, ref_key, unit), ratio)
+            for label, name, key, unit, ref_label, ref, ref_key, ratio in LAYOUT]
+
+
 def table(report: dict[str, Any]) -> str:
-    f = report["figures"]
     g = report["goals"]
-
-    def get(name: str) -> dict[str, Any]:
-        value: dict[str, Any] = f.get(name) or {}
-        return {} if "skipped" in value else value
-
-    agg = get("aggregates")
-    rows = [
-        ("single durable POST (4 metrics)", _fmt(get("single_post").get("req_per_s"), "req/s"),
-         "no-op POST", _fmt(get("noop_post").get("req_per_s"), "req/s"), "single_vs_noop"),
-        ("  latency", _lat(get("single_post")), "", _lat(get("noop_post")), ""),
-        ("batch POST (1,000 x 4 metrics)", _fmt(get("batch_post").get("rows_per_s"), "rows/s"),
-         "COPY ceiling, 1 conn", _fmt(get("copy_ceiling").get("rows_per_s"), "rows/s"),
-         "batch_vs_copy"),
-        ("GET /v1/devices/{id}/latest", _fmt(get("latest_get").get("req_per_s"), "req/s"),
-         "no-op GET", _fmt(get("noop_get").get("req_per_s"), "req/s"), "latest_vs_noop_get"),
-        ("  latency", _lat(get("latest_get")), "", _lat(get("noop_get")), ""),
-        ("GET /v1/latest, 100 devices", _fmt(get("latest_100_get").get("req_per_s"), "req/s"),
-         "", "", ""),
-        ("  latency", _lat(get("latest_100_get")), "", "", ""),
-        (f"aggregates {AGG_DAYS} d hourly", _fmt(agg.get("endpoint_ms"), "ms"),
-         "time_bucket over raw", _fmt(agg.get("raw_time_bucket_ms"), "ms"), "rollup_speedup"),
-        ("single durable POST", _fmt(get("single_post").get("req_per_s"), "req/s"),
-         "naive FastAPI+ORM", _fmt(get("naive_post").get("req_per_s"), "req/s"), "vs_naive"),
-        ("  latency", _lat(get("single_post")), "", _lat(get("naive_post")), ""),
-        ("batch POST with rollups", _fmt(get("batch_post").get("rows_per_s"), "rows/s"),
-         "without rollups", _fmt(get("batch_post_no_rollups").get("rows_per_s"), "rows/s"),
-         "rollup_ingest_cost"),
-        ("COPY with rollups", _fmt(get("copy_ceiling").get("rows_per_s"), "rows/s"),
-         "without rollups", _fmt(get("copy_ceiling_no_rollups").get("rows_per_s"), "rows/s"),
-         ""),
-        ("peak RSS of the service", _fmt(get("peak_rss_mb").get("service"), "MB"),
-         "naive baseline", _fmt(get("peak_rss_mb").get("naive"), "MB"), ""),
-    ]
-    header = ("vitalstore", "", "reference", "", "ratio", "goal", "met")
-    lines = [f"{header[0]:<34}{'':>22}  {header[2]:<22}{'':>22}  {'ratio':>7}  {'goal':<7} met"]
-    for name, value, ref_name, ref_value, ratio in rows:
+    lines = [f"{'vitalstore':<56}  {'reference':<44}  {'ratio':>7}  {'goal':<7} met"]
+    for name, value, ref_name, ref_value, ratio in side_by_side(report):
         goal = g.get(ratio, {})
         met = {True: "yes", False: "MISSED", None: "-"}[goal.get("met")] if ratio else ""
         lines.append(
             f"{name:<34}{value:>22}  {ref_name:<22}{ref_value:>22}  "
-            f"{_fmt(goal.get('value')) if ratio else '':>7}  {goal.get('goal', ''):<7} {met}")
+            f"{fmt(goal.get('value')) if ratio else '':>7}  {goal.get('goal', ''):<7} {met}")
     machine = report["machine"]
     lines.append("")
     lines.append(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']}"

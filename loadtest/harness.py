@@ -361,7 +361,7 @@ def _host(wrk: str | None) -> dict[str, Any]:
     if wrk:
         done = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
         wrk_version = (done.stdout or done.stderr).splitlines()[0].split(" Copyright")[0]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
                             capture_output=True, text=True, check=False).stdout.strip()
     return {
         "cpu": cpu_model,

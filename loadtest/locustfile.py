@@ -33,6 +33,7 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import gevent
 from locust import between, constant_pacing, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
@@ -143,12 +144,16 @@ class DeviceUser(FastHttpUser):
     """A device that posts readings; subclasses say what and how often."""
 
     abstract = True
+    period = 1.0  # seconds between posts
 
     def on_start(self) -> None:
         self.rng = random.Random()
         self.clock = Clock(self.rng)
         self.device = self.make_name()
         self.last_body: bytes | None = None
+        # Devices are switched on at random moments, not in step with locust's spawning:
+        # without this offset a whole ward posts in the same millisecond every second.
+        gevent.sleep(self.rng.uniform(0, min(self.period, 60)))
 
     def make_name(self) -> str:
         raise NotImplementedError
@@ -182,7 +187,8 @@ class DeviceUser(FastHttpUser):
 
 class BedsideMonitor(DeviceUser):
     weight = 40
-    wait_time = constant_pacing(1)
+    period = 1
+    wait_time = constant_pacing(period)
 
     def make_name(self) -> str:
         bed = next(_bed_numbers)
@@ -211,7 +217,8 @@ class BedsideMonitor(DeviceUser):
 
 class Wearable(DeviceUser):
     weight = 30
-    wait_time = constant_pacing(10)
+    period = 10
+    wait_time = constant_pacing(period)
 
     def make_name(self) -> str:
         self.hr = Vital(self.rng, 50, 160, 2.0)
@@ -237,7 +244,8 @@ class Gateway(DeviceUser):
     """A home-care gateway relaying many devices, NDJSON, 5 s of readings at a time."""
 
     weight = 2
-    wait_time = constant_pacing(5)
+    period = 5
+    wait_time = constant_pacing(period)
 
     def make_name(self) -> str:
         number = next(_gateway_numbers)
@@ -267,7 +275,8 @@ class Gateway(DeviceUser):
 
 class BloodPressureCuff(DeviceUser):
     weight = 10
-    wait_time = constant_pacing(15 * 60)
+    period = 15 * 60
+    wait_time = constant_pacing(period)
 
     def make_name(self) -> str:
         self.systolic = Vital(self.rng, 90, 180, 6)

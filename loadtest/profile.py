@@ -32,6 +32,7 @@ KINDS = {
     "single": ("post_readings.lua", ["/v1/readings", "p-", "1"], 64),
     "batch": ("post_readings.lua", ["/v1/readings", "p-", "1000"], 16),
     "latest": ("get_paths.lua", [], 64),
+    "latest100": ("get_paths.lua", [], 64),
 }
 
 # Where a frame's file lives says which layer the time belongs to; first match wins.
@@ -119,14 +120,18 @@ def main() -> None:
         with Service(db.url, env={"VITALSTORE_BENCH_ROUTES": "true"},
                      name="profile") as service:
             base = str(int(time.time()) - 3 * 3600)
-            if kind == "latest":
+            if kind.startswith("latest"):
                 paths = RESULTS / "paths-profile.txt"
                 devices = [f"p-0-{i}" for i in range(100)]
                 harness.run_wrk(wrk, service.url, "post_readings.lua",
                                 ["/v1/readings", "p-", "100", "100", base, key or ""],
                                 seconds=1, connections=1, threads=1)
-                paths.write_text("".join(f"/v1/devices/{urllib.parse.quote(d)}/latest\n"
-                                         for d in devices))
+                if kind == "latest":
+                    paths.write_text("".join(f"/v1/devices/{urllib.parse.quote(d)}/latest\n"
+                                             for d in devices))
+                else:
+                    query = urllib.parse.urlencode([("device", d) for d in devices])
+                    paths.write_text(f"/v1/latest?{query}\n")
                 args = [str(paths)]
             else:
                 args = [*args, "1000", base]

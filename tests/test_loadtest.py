@@ -118,7 +118,7 @@ async def test_asyncio_client_loads_and_reads_chunked_exports(server_factory):
 
     def noop(i: int) -> tuple[str, str, bytes]:
         return "POST", "/bench/noop", json.dumps(
-            {"device": "async-1", "timestamp": NOW + i, "spo2": 97}).encode()
+            {"device": "async-1", "timestamp": NOW + i % 1000, "spo2": 97}).encode()
 
     result = await asyncload.load(server.url, noop, seconds=1, connections=4,
                                   headers={"Content-Type": "application/json"})
@@ -175,7 +175,8 @@ async def test_locust_fleet_runs_headless_without_failures(server_factory, tmp_p
     server = server_factory()
     done = await asyncio.to_thread(subprocess.run, [
         str(harness.BIN / "locust"), "-f", str(harness.LOADTEST / "locustfile.py"),
-        "--headless", "--users", "40", "--spawn-rate", "40", "--run-time", "6s",
+        # Devices start at a random moment within their period (a gateway's is 5 s).
+        "--headless", "--users", "40", "--spawn-rate", "40", "--run-time", "9s",
         "--host", server.url, "--only-summary", "--csv", str(tmp_path / "run"),
         "--weights", "bedside=10,wearable=5,gateway=1,cuff=2,dashboard=2,clinician=2",
         "--duplicate-share", "0.2", "--late-share", "0.2",
