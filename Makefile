@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export VITALSTORE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/vitalstore
 
-.PHONY: help setup run test lint bench bench-scale loadtest clean
+.PHONY: help setup run test lint bench bench-scale loadtest profile clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,8 +34,17 @@ lint: $(STAMP) ## ruff and mypy (strict) on src
 	$(BIN)/ruff check src tests loadtest alembic
 	$(BIN)/mypy
 
-bench: setup ## benchmark: no-op vs durable POST, batch vs COPY ceiling (prints a table)
+bench: setup ## side-by-side benchmark (BENCH_DURATION s a phase): loadtest/results/bench.json
 	$(BIN)/python loadtest/bench.py
+
+bench-scale: setup ## latency at 1M then 20M readings (BENCH_SCALE_SIZES; ~12 GB disk, ~15 min)
+	$(BIN)/python loadtest/bench_scale.py
+
+loadtest: setup ## locust fleet, headless (LOADTEST_DURATION, LOADTEST_USERS, LOADTEST_HOST)
+	$(BIN)/python loadtest/run_locust.py
+
+profile: setup ## py-spy profile under load: PROFILE=single|batch|noop|latest (default single)
+	$(BIN)/python loadtest/profile.py $(PROFILE)
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -64,6 +65,22 @@ async def _preflight(settings: Settings) -> None:
         await conn.close()
 
 
+def _tune_gc() -> None:
+    """Cyclic GC less often, and never over the objects loaded at start.
+
+    Every request allocates futures, dicts and coroutines; with the default threshold (700)
+    collections ran several times per flush and showed as 7% of the worker's CPU and as the
+    tail of the latency. Granian forks its workers from this process, so they inherit both
+    the thresholds and the frozen generation (gc.freeze() before fork also spares
+    copy-on-write). Measured (wrk, 64 connections, medians of 4 interleaved rounds, shared
+    machine): single POST 2,129 -> 2,464 req/s, no-op POST 5,575 -> 6,498 req/s with p99
+    85 -> 31 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def serve(settings: Settings) -> None:
     """Run the app under granian (app factory), `settings.workers` processes."""
     from granian import Granian
@@ -77,6 +94,7 @@ def serve(settings: Settings) -> None:
     # Workers rebuild the settings from the environment: pass the flags on through it.
     for field in ("host", "port", "workers"):
         os.environ[f"VITALSTORE_{field.upper()}"] = str(getattr(settings, field))
+    _tune_gc()
     server = Granian(
         "vitalstore.app:create_app",
         factory=True,

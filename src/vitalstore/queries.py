@@ -94,10 +94,17 @@ _LATEST = """
 """
 
 
+# One device: `= $1` has a good generic plan that PostgreSQL keeps, where `= ANY($1)` is
+# planned again on every call (its generic plan scans `latest`). Measured: GET latest +26%.
+_LATEST_ONE = _LATEST.replace("d.name = ANY($1::text[])", "d.name = $1")
+
+
 async def latest(pool: asyncpg.Pool, names: list[str]) -> list[dict[str, Any]]:
     """Latest object (device, last_seen, metrics) of each known device in `names`, by id."""
     by_device: dict[str, tuple[datetime, list[Any]]] = {}
-    for row in await pool.fetch(_LATEST, names):
+    rows = await (pool.fetch(_LATEST_ONE, names[0]) if len(names) == 1
+                  else pool.fetch(_LATEST, names))
+    for row in rows:
         entry = by_device.setdefault(row["name"], (row["last_seen"], []))
         if row["metric"] is not None:
             entry[1].append((row["metric"], row["value"], row["ts"]))

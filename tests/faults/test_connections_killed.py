@@ -7,7 +7,7 @@ import time
 
 import asyncpg
 import httpx
-from harness import (
+from faultload import (
     Load,
     check_acknowledged,
     check_rollups,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from harness import (
+from faultload import (
     Load,
     RssSampler,
     check_acknowledged,

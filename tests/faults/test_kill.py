@@ -7,7 +7,7 @@ import random
 import signal
 import time
 
-from harness import Load, check_acknowledged, check_rollups, headers_of, report
+from faultload import Load, check_acknowledged, check_rollups, headers_of, report
 
 ROUNDS = 3
 

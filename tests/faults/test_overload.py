@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import httpx
-from harness import (
+from faultload import (
     Load,
     RssSampler,
     check_acknowledged,

@@ -12,7 +12,7 @@ import json
 import re
 
 import httpx
-from harness import Load, check_acknowledged, check_rollups, headers_of, report, stored
+from faultload import Load, check_acknowledged, check_rollups, headers_of, report, stored
 
 ROUNDS = 3
 REQUESTS = 20

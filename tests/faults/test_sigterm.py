@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from harness import Load, check_acknowledged, check_rollups, headers_of, report, stored
+from faultload import Load, check_acknowledged, check_rollups, headers_of, report, stored
 
 SHUTDOWN_TIMEOUT_S = 5
 # `vitalstore serve` gives granian this long to stop its workers before it kills them.

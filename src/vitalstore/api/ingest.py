@@ -7,7 +7,7 @@ import zlib
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import ClientException, InternalServerException
 
@@ -211,5 +211,20 @@ async def post_noop(request: Request[Any, ApiKey, Any], state: State) -> Respons
     return Response(Accepted(len(readings)), status_code=202)
 
 
+# The size and shape of a device's latest values: what GET /v1/devices/{id}/latest answers.
+_NOOP_LATEST = {
+    "device": "bench-noop",
+    "last_seen": "2025-06-18T10:00:01.250000Z",
+    "metrics": {name: {"value": 72.0, "timestamp": "2025-06-18T10:00:01.250000Z"}
+                for name in ("heartRateValue", "respiratoryRate", "spo2", "temperature")},
+}
+
+
+@get("/bench/noop", include_in_schema=False, **requires("read"))
+async def get_noop() -> dict[str, Any]:
+    """Benchmark reference for reads: the same stack answering a latest-sized JSON, no query."""
+    return _NOOP_LATEST
+
+
 ROUTES = [post_readings, post_vital_data]
-BENCH_ROUTES = [post_noop]
+BENCH_ROUTES = [post_noop, get_noop]

@@ -1,0 +1,238 @@
+"""`make bench-scale`: how read and write latency grow with the data.
+
+For each size (BENCH_SCALE_SIZES readings, default 1,000,000 then 20,000,000; 4 metrics
+each, so 4 and 80 million rows) a fresh scratch database gets 1,000 devices each reporting
+once a second (a bedside monitor's rate) up to the current hour, loaded with INSERT ...
+SELECT (the trigger fills `latest` and the rollups as ingestion would). The rate is fixed,
+so a bigger size reaches further back: 1,000 s per device at 1 million, 5.6 h at 20 million.
+The 1-hour history page is then a full page (1,000 readings) at every size. Then, with the
+service running, sequential requests on one keep-alive connection measure p50/p99 of:
+
+  latest      GET /v1/devices/{id}/latest
+  history     GET /v1/devices/{id}/readings, the newest hour (a page of 1,000)
+  aggregate   GET /v1/devices/{id}/aggregates, 30 days by the hour (skipped without the route)
+  raw bucket  the same aggregate with time_bucket over the raw rows, in SQL (a reference)
+  post        POST /v1/readings, one reading of 4 metrics (durable: answered after commit)
+
+Writes loadtest/results/bench-scale.json and prints a table. Disk: see the README (measured
+bytes per reading are in the JSON). Environment: BENCH_SCALE_SIZES, BENCH_SCALE_DEVICES
+(1000), BENCH_SCALE_INTERVAL_S (1), BENCH_SCALE_REQUESTS (200 per measure), BENCH_PORT,
+VITALSTORE_API_KEY, BENCH_KEEP_DB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+import urllib.parse
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncload
+import asyncpg
+import harness
+from harness import RESULTS, ScratchDatabase, Service, log
+
+SIZES = [int(s) for s in os.environ.get("BENCH_SCALE_SIZES", "1000000,20000000").split(",")]
+DEVICES = int(os.environ.get("BENCH_SCALE_DEVICES", "1000"))
+INTERVAL = timedelta(seconds=float(os.environ.get("BENCH_SCALE_INTERVAL_S", "1")))
+REQUESTS = int(os.environ.get("BENCH_SCALE_REQUESTS", "200"))
+MONTH = timedelta(days=30)
+AGGREGATES_ROUTE = "/v1/devices/{device}/aggregates"
+READ_GOAL = 1.5  # every read at the largest size within 1.5 times its value at the smallest
+
+
+async def storage(db_url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        sizes = {}
+        for table in ("readings", "rollup_1m", "rollup_1h", "rollup_1d"):
+            sizes[table] = await conn.fetchval("SELECT hypertable_size($1::regclass)", table)
+        sizes["latest"] = await conn.fetchval("SELECT pg_total_relation_size('latest')")
+        sizes["database"] = await conn.fetchval("SELECT pg_database_size(current_database())")
+    finally:
+        await conn.close()
+    return sizes
+
+
+async def raw_bucket_ms(db_url: str, devices: list[str], start: datetime,
+                        end: datetime) -> dict[str, float]:
+    """time_bucket over one device's raw rows: what the aggregate would cost without rollups."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        ids = dict(await conn.fetch("SELECT name, id FROM devices WHERE name = ANY($1)",  # type: ignore[arg-type]
+                                    devices))
+        sql = """SELECT metric_id, time_bucket(INTERVAL '1 hour', ts), count(*), sum(value),
+                        min(value), max(value)
+                 FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3
+                 GROUP BY 1, 2 ORDER BY 1, 2"""
+        samples = []
+        for index in range(min(REQUESTS, 50) + 3):
+            began = time.perf_counter()
+            await conn.fetch(sql, ids[devices[index % len(devices)]], start, end)
+            if index >= 3:
+                samples.append((time.perf_counter() - began) * 1000)
+    finally:
+        await conn.close()
+    return asyncload.summary(samples)
+
+
+async def measure(service: Service, key: str | None, devices: list[str], end: datetime,
+                  has_aggregates: bool) -> dict[str, Any]:
+    conn = asyncload.Connection(service.url, harness.auth_headers(key))
+    rng = random.Random(7)
+    picks = [rng.choice(devices) for _ in range(REQUESTS)]
+    out: dict[str, Any] = {}
+    try:
+        async def series(name: str, path_of: Any, method: str = "GET",
+                         body_of: Any = None, expect: int = 200) -> None:
+            samples: list[float] = []
+            for index, device in enumerate(picks):
+                body = body_of(index, device) if body_of else b""
+                samples += await asyncload.timed(
+                    conn, method, path_of(device), body=body, count=1,
+                    warmup=3 if index == 0 else 0, expect=expect,
+                    headers={"Content-Type": "application/json"} if body else None)
+            out[name] = asyncload.summary(samples)
+
+        await series("latest", lambda d: f"/v1/devices/{d}/latest")
+        hour = urllib.parse.urlencode({"from": (end - timedelta(hours=1)).isoformat(),
+                                       "to": end.isoformat()})
+        await series("history_1h", lambda d: f"/v1/devices/{d}/readings?{hour}")
+        _, page = await conn.request("GET", f"/v1/devices/{picks[0]}/readings?{hour}")
+        out["history_1h"]["items"] = len(json.loads(page)["items"])
+        if has_aggregates:
+            month = urllib.parse.urlencode({"from": (end - MONTH).isoformat(),
+                                            "to": end.isoformat(), "bucket": "1h"})
+            await series("aggregate_30d", lambda d: f"/v1/devices/{d}/aggregates?{month}")
+            _, answer = await conn.request("GET", f"/v1/devices/{picks[0]}/aggregates?{month}")
+            out["aggregate_30d"]["items"] = len(json.loads(answer)["items"])
+        now = int(time.time())
+
+        def reading(index: int, device: str) -> bytes:
+            return json.dumps({"device": device, "timestamp": now - index % 60,
+                               "heartRateValue": 70 + index % 20, "spo2": 97,
+                               "respiratoryRate": 14, "temperature": 36.8}).encode()
+
+        await series("post", lambda d: "/v1/readings", "POST", reading, 202)
+    finally:
+        await conn.close()
+    return out
+
+
+async def one_size(size: int, key_env: str | None) -> dict[str, Any]:
+    step = INTERVAL
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    start = end - step * (size // DEVICES)
+    devices = [f"scale-{i:04d}" for i in range(DEVICES)]
+    db = await ScratchDatabase("scale").create()
+    try:
+        conn = await asyncpg.connect(db.url)
+        try:
+            log(f"{size:,} readings: {DEVICES} devices, one reading every"
+                f" {step.total_seconds():g} s for {(end - start).total_seconds() / 3600:.1f} h")
+            with harness.timer() as load_time:
+                rows = await harness.load_readings(conn, devices, start, end, step,
+                                                   progress=f"  load {size:,}")
+            with harness.timer() as vacuum_time:
+                await conn.execute("VACUUM ANALYZE")
+        finally:
+            await conn.close()
+        figure: dict[str, Any] = {
+            "readings": rows // len(harness.METRICS), "rows": rows,
+            "interval_s": step.total_seconds(), "span_h": round(
+                (end - start).total_seconds() / 3600, 2), "load_s": round(load_time[0], 1),
+            "load_rows_per_s": round(rows / load_time[0]),
+            "vacuum_analyze_s": round(vacuum_time[0], 1), "bytes": await storage(db.url)}
+        figure["bytes_per_reading"] = round(figure["bytes"]["database"] / figure["readings"])
+        key = key_env or harness.api_key(db.url)
+        env = {}
+        if key is None and harness.keys_command_exists():
+            env["VITALSTORE_AUTH"] = "disabled"
+        with Service(db.url, env=env, name="vitalstore-scale") as service:
+            conn_check = asyncload.Connection(service.url, harness.auth_headers(key))
+            status, schema = await conn_check.request("GET", "/schema/openapi.json")
+            await conn_check.close()
+            has_aggregates = status == 200 and AGGREGATES_ROUTE in json.loads(schema).get(
+                "paths", {})
+            figure["latency_ms"] = await measure(service, key, devices, end, has_aggregates)
+            if not has_aggregates:
+                figure["latency_ms"]["aggregate_30d"] = {
+                    "skipped": f"GET {AGGREGATES_ROUTE} not in this build"}
+        figure["latency_ms"]["raw_time_bucket_30d"] = await raw_bucket_ms(
+            db.url, devices[:50], end - MONTH, end)
+        log(f"  {size:,}: " + ", ".join(
+            f"{name} p50 {v['p50_ms']:.2f} ms" for name, v in figure["latency_ms"].items()
+            if "p50_ms" in v))
+    finally:
+        await db.drop()
+    return figure
+
+
+def table(report: dict[str, Any]) -> str:
+    sizes = report["sizes"]
+    names = ["latest", "history_1h", "aggregate_30d", "raw_time_bucket_30d", "post"]
+    labels = {"latest": "latest", "history_1h": "1-hour history page",
+              "aggregate_30d": "30-day hourly aggregate",
+              "raw_time_bucket_30d": "  (time_bucket over raw, SQL)",
+              "post": "single POST (durable)"}
+    head = f"{'p50 / p99 ms':<32}" + "".join(f"{int(s):>22,}" for s in sizes) + "   growth"
+    lines = [head]
+    for name in names:
+        cells = []
+        for size in sizes:
+            value = sizes[size]["latency_ms"].get(name, {})
+            if "p50_ms" not in value:
+                cells.append(f"{'skipped':>22}")
+                continue
+            items = f" [{value['items']}]" if "items" in value else ""
+            cells.append(f"{value['p50_ms']:.2f} / {value['p99_ms']:.2f}{items}".rjust(22))
+        growth = report["growth"].get(name)
+        lines.append(f"{labels[name]:<32}" + "".join(cells)
+                     + (f"   x{growth:.2f}" if growth is not None else ""))
+    lines.append(f"{'load (rows/s)':<32}" + "".join(
+        f"{sizes[s]['load_rows_per_s']:>22,}" for s in sizes))
+    lines.append(f"{'database size (MB)':<32}" + "".join(
+        f"{sizes[s]['bytes']['database'] / 2**20:>22,.0f}" for s in sizes))
+    lines.append(f"{'bytes per reading':<32}" + "".join(
+        f"{sizes[s]['bytes_per_reading']:>22,}" for s in sizes))
+    lines.append("[n] = items in the answer; growth = p50 at the largest size / smallest;"
+                 f" goal: reads within x{READ_GOAL}")
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    key = os.environ.get("VITALSTORE_API_KEY")
+    figures: dict[str, Any] = {}
+    probe = await ScratchDatabase("scale_probe").create()
+    try:
+        machine = await harness.machine(probe.url, None)
+    finally:
+        await probe.drop()
+    machine.pop("load_generator")
+    machine["client"] = "sequential requests on one keep-alive connection (asyncio)"
+    for size in SIZES:
+        figures[str(size)] = await one_size(size, key)
+    first, last = str(SIZES[0]), str(SIZES[-1])
+    growth: dict[str, float] = {}
+    for name in ("latest", "history_1h", "aggregate_30d", "raw_time_bucket_30d", "post"):
+        a = figures[first]["latency_ms"].get(name, {}).get("p50_ms")
+        b = figures[last]["latency_ms"].get(name, {}).get("p50_ms")
+        if a and b:
+            growth[name] = round(b / a, 2)
+    reads = [growth[n] for n in ("latest", "history_1h", "aggregate_30d") if n in growth]
+    report = {"machine": machine, "sizes": figures, "growth": growth,
+              "goal": {"reads_within": READ_GOAL,
+                       "met": all(g <= READ_GOAL for g in reads) if reads else None}}
+    out = RESULTS / "bench-scale.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nwritten: {out.relative_to(harness.ROOT)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
