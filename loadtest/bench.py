@@ -348,6 +348,9 @@ class Bench:
         }
         log(f"  raw time_bucket: {figure['raw_time_bucket_ms']:,.1f} ms ({buckets} rows)")
         if has_route:
+            # A fresh connection: the server may close one left idle through the long load.
+            await conn.close()
+            conn = asyncload.Connection(service.url, harness.auth_headers(self.key))
             query = urllib.parse.urlencode({"from": start.isoformat(), "to": end.isoformat(),
                                             "bucket": "1h"})
             path = f"/v1/devices/{device}/aggregates?{query}"
