@@ -69,8 +69,6 @@ _MESSAGES = {
     "unknown": "invalid API key",
     "revoked": "API key revoked",
 }
-_FAILURES = {reason: AUTH_FAILURES.labels(reason)
-             for reason in (*_MESSAGES, "scope", "prefix")}
 
 SECURITY_SCHEMES: Final[dict[str, SecurityScheme | Reference]] = {
     "bearer": SecurityScheme(type="http", scheme="bearer",
@@ -107,7 +105,7 @@ def forbid_outside_prefix(key: ApiKey, devices: Iterable[str]) -> None:
         return
     outside = {device for device in devices if not device.startswith(key.prefix)}
     if outside:
-        _FAILURES["prefix"].inc()
+        AUTH_FAILURES["prefix"] += 1
         log.warning("write refused: key %r (prefix %r) sent %d device(s) outside its prefix",
                     key.name, key.prefix, len(outside))
         raise PermissionDeniedException(
@@ -197,7 +195,7 @@ class KeyStore:
             key = await self.verify(token, digest, scope)
         needed = "read" if access == "metrics" else access
         if needed not in key.scopes:
-            _FAILURES["scope"].inc()
+            AUTH_FAILURES["scope"] += 1
             self._log_failure("access refused: key %r lacks scope %r for %s %s",
                               key.name, needed, scope["method"], scope["path"])
             raise PermissionDeniedException(
@@ -260,7 +258,7 @@ class KeyStore:
 
     def _refuse(self, scope: HTTPScope, reason: str, digest: bytes = b"",
                 revoked: Revoked | None = None) -> NotAuthorizedException:
-        _FAILURES[reason].inc()
+        AUTH_FAILURES[reason] += 1
         # Never the key: the name of a revoked one, else a fingerprint of its hash.
         who = (f"key {revoked.name!r}" if revoked
                else f"key sha256:{digest.hex()[:12]}" if digest else "no key")

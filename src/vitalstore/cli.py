@@ -37,17 +37,17 @@ async def _ensure_database(settings: Settings) -> None:
     else:
         await conn.close()
         return
-    params = conn_params(settings.asyncpg_dsn)
+    name = database_name(settings.asyncpg_dsn)
     admin = await asyncpg.connect(settings.asyncpg_dsn, database="postgres", timeout=5)
     try:
-        await admin.execute(f'CREATE DATABASE "{params}"')
+        await admin.execute(f'CREATE DATABASE "{name}"')
     except asyncpg.DuplicateDatabaseError:
         pass
     finally:
         await admin.close()
 
 
-def conn_params(dsn: str) -> str:
+def database_name(dsn: str) -> str:
     """The database name of a PostgreSQL URL."""
     from urllib.parse import urlparse
 

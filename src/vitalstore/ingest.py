@@ -115,10 +115,7 @@ class Batcher:
         decoded (measured at 4x capacity: a third of the 503s, and the slowest of them).
         Pair with `leave()`; `submit` still has the last word.
         """
-        if self._closing:
-            raise Unavailable("shutting down", "shutting_down")
-        if not self._available:
-            raise Unavailable("database unavailable")
+        self._check_open()
         expected = self._buffered + (self._admitted + 1) * self._mean_readings
         if expected > self._settings.buffer_max_readings:
             raise Overloaded("ingest buffer full")
@@ -128,12 +125,16 @@ class Batcher:
         """The admitted request's body is read (or refused): it no longer counts as coming."""
         self._admitted -= 1
 
-    async def submit(self, rows: Rows) -> None:
-        """Wait until `rows` are committed. Raises Overloaded, Unavailable or Rejected."""
+    def _check_open(self) -> None:
+        """Refuse at once while shutting down or while the database is out of reach."""
         if self._closing:
             raise Unavailable("shutting down", "shutting_down")
         if not self._available:
             raise Unavailable("database unavailable")
+
+    async def submit(self, rows: Rows) -> None:
+        """Wait until `rows` are committed. Raises Overloaded, Unavailable or Rejected."""
+        self._check_open()
         if self._buffered + rows.readings > self._settings.buffer_max_readings:
             raise Overloaded("ingest buffer full")
         self._mean_readings += (rows.readings - self._mean_readings) / 16

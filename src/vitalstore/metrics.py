@@ -97,35 +97,10 @@ def multiprocess_mode() -> Iterator[None]:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-class PendingCounter:
-    """Counts taken where no Metrics object is at hand (the auth middleware, at import time),
-    published into each process's Metrics with the rest of the hot-path counts."""
-
-    def __init__(self) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def labels(self, label: str) -> _PendingLabel:
-        return _PendingLabel(self.counts, label)
-
-    def drain(self) -> collections.Counter[str]:
-        # Cleared in place: the labels handed out keep a reference to this very Counter.
-        counts = self.counts.copy()
-        self.counts.clear()
-        return counts
-
-
-class _PendingLabel:
-    def __init__(self, counts: collections.Counter[str], label: str) -> None:
-        self._counts = counts
-        self._label = label
-
-    def inc(self, amount: int = 1) -> None:
-        self._counts[self._label] += amount
-
-
 # Requests refused by access control, by reason: missing, malformed, unknown or revoked key
-# (401); scope or prefix (403).
-AUTH_FAILURES = PendingCounter()
+# (401); scope or prefix (403). Counted where no Metrics object is at hand (the auth
+# middleware) and moved into the process's Metrics by `publish`, like the other hot-path counts.
+AUTH_FAILURES: collections.Counter[str] = collections.Counter()
 
 
 class Metrics:
@@ -194,8 +169,9 @@ class Metrics:
         for (method, route, status), count in answers.items():
             self.http_requests.labels(method if method in _METHODS else "other",
                                       route or "unmatched", str(status)).inc(count)
-        for reason, count in AUTH_FAILURES.drain().items():
+        for reason, count in AUTH_FAILURES.items():
             self.auth_failures.labels(reason).inc(count)
+        AUTH_FAILURES.clear()
         accepted, self._accepted = self._accepted, 0
         if accepted:
             self.readings_accepted.inc(accepted)

@@ -22,12 +22,12 @@ from datetime import datetime, timedelta
 import asyncpg
 from tqdm import tqdm
 
+from vitalstore.queries import ONE_MICROSECOND
 from vitalstore.retention import horizon
 from vitalstore.rollups import LEVELS, floor_to
 from vitalstore.settings import Settings
 
 DAY = timedelta(days=1)
-ONE_MICROSECOND = timedelta(microseconds=1)
 SLICE_ROWS = 500_000
 ATTEMPTS = 3
 

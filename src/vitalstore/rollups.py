@@ -233,31 +233,3 @@ async def _suggest(pool: asyncpg.Pool, bucket: Bucket, start: datetime, end: dat
             return text
     return None
 
-
-_RAW_DEVICE_SQL = f"""
-    SELECT {_START} AS start, m.name AS metric, g.count, g.sum, g.min, g.max,
-           g.sum / g.count AS avg
-    FROM (
-        SELECT metric_id, time_bucket($2::interval, ts) AS start, count(*) AS count,
-               sum(value) AS sum, min(value) AS min, max(value) AS max
-        FROM readings
-        WHERE device_id = $1 AND ts >= $3 AND ts < $4
-        GROUP BY 1, 2
-    ) AS g
-    JOIN metrics m ON m.id = g.metric_id
-    ORDER BY m.name, g.start
-"""  # noqa: S608
-
-
-async def device_aggregates_from_raw(pool: asyncpg.Pool, device_id: int, bucket: Bucket,
-                                     start: datetime, end: datetime) -> list[asyncpg.Record]:
-    """What `device_aggregates` answers (every metric), computed from the raw readings.
-
-    Not used by the service: it is the tests' reference and the read benchmark's baseline.
-    """
-    span = whole_buckets(start, end, bucket.width)
-    if span is None:
-        return []
-    rows: list[asyncpg.Record] = await pool.fetch(_RAW_DEVICE_SQL, device_id, bucket.width,
-                                                  *span)
-    return rows

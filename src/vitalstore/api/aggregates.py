@@ -11,7 +11,14 @@ from litestar.datastructures import State
 from litestar.params import FromPath, QueryParameter
 
 from vitalstore import queries, rollups
-from vitalstore.api.common import BadQuery, bad_query, error, query_time, services_of
+from vitalstore.api.common import (
+    BadQuery,
+    bad_query,
+    error,
+    query_names,
+    query_time,
+    services_of,
+)
 from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
 from vitalstore.keys import ApiKey
@@ -97,7 +104,7 @@ async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
         return error(404, f"unknown device {device!r}")
     metric_ids = None
     if metrics:
-        names = [name for name in metrics.split(",") if name]
+        names = query_names(metrics)
         metric_ids = sorted((await services.metric_ids.ids(
             services.pool, names, create=False)).values())
     try:

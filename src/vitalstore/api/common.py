@@ -57,6 +57,11 @@ def query_int(name: str, value: str | None, default: int, low: int, high: int) -
     return number
 
 
+def query_names(value: str) -> list[str]:
+    """A comma-separated list parameter (`metrics=hr,spo2`), empty entries left out."""
+    return [name for name in value.split(",") if name]
+
+
 def bad_query(exc: BadQuery) -> Response[Any]:
     return error(422, str(exc), parameter=exc.parameter)
 

@@ -15,7 +15,15 @@ from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 
 from vitalstore import queries
-from vitalstore.api.common import BadQuery, bad_query, error, query_int, query_time, services_of
+from vitalstore.api.common import (
+    BadQuery,
+    bad_query,
+    error,
+    query_int,
+    query_names,
+    query_time,
+    services_of,
+)
 from vitalstore.api.responses import CompatError, RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
 from vitalstore.keys import ApiKey
@@ -84,6 +92,14 @@ def _cursor(value: str | None) -> str | None:
         raise BadQuery("cursor", "invalid cursor") from None
 
 
+async def _device_page(services: Services, prefix: str, size: int, after: str | None
+                       ) -> tuple[list[queries.Device], str | None]:
+    """Up to `size` devices by id after `after`, and the cursor of the next page (or None)."""
+    found = await queries.list_devices(services.pool, prefix=prefix, limit=size, after=after)
+    next_cursor = encode_cursor(found[size - 1].name) if len(found) > size else None
+    return found[:size], next_cursor
+
+
 def _device_item(device: queries.Device) -> dict[str, str]:
     return {"device": device.name, "first_seen": datetime_to_rfc3339(device.first_seen),
             "last_seen": datetime_to_rfc3339(device.last_seen)}
@@ -104,9 +120,8 @@ async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuer
     visible = effective_prefix(request.auth, prefix)
     if visible is None:
         return Response({"items": [], "next_cursor": None})  # type: ignore[arg-type]
-    found = await queries.list_devices(services.pool, prefix=visible, limit=size, after=after)
-    next_cursor = encode_cursor(found[size - 1].name) if len(found) > size else None
-    return Response({"items": [_device_item(d) for d in found[:size]],
+    found, next_cursor = await _device_page(services, visible, size, after)
+    return Response({"items": [_device_item(d) for d in found],
                      "next_cursor": next_cursor})  # type: ignore[arg-type]
 
 
@@ -142,9 +157,8 @@ async def bulk_latest(request: KeyedRequest, state: State,
         after = _cursor(cursor)
     except BadQuery as exc:
         return bad_query(exc)
-    page = await queries.list_devices(services.pool, prefix=key.prefix, limit=size, after=after)
-    items = await queries.latest(services.pool, [d.name for d in page[:size]])
-    next_cursor = encode_cursor(page[size - 1].name) if len(page) > size else None
+    page, next_cursor = await _device_page(services, key.prefix, size, after)
+    items = await queries.latest(services.pool, [d.name for d in page])
     return Response({"items": items, "next_cursor": next_cursor})  # type: ignore[arg-type]
 
 
@@ -165,7 +179,7 @@ async def _history_query(services: Services, device_id: int, from_: str | None,
         raise BadQuery("order", "must be asc or desc")
     metric_ids = None
     if metrics:
-        names = [name for name in metrics.split(",") if name]
+        names = query_names(metrics)
         known = await services.metric_ids.ids(services.pool, names, create=False)
         metric_ids = {metric_id: name for name, metric_id in known.items()}
     return _HistoryQuery(device_id, start, end, metric_ids, order == "desc")
