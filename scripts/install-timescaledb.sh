@@ -1,26 +1,47 @@
 #!/usr/bin/env bash
-# Make TimescaleDB (Apache-2 edition) available on the local PostgreSQL.
+# Make TimescaleDB 2.28.3, community edition (columnstore, continuous aggregates, policy jobs),
+# available on the local PostgreSQL.
 #
-# No registry ships a TimescaleDB build for Debian's PostgreSQL, so this builds
-# Debian 13's source package against the running server. A second run finds the
-# extension installed and preloaded and returns in well under a second.
-# Works on Debian 12 and 13; the machine's own apt sources are never modified.
+# No registry ships a community build for Debian's PostgreSQL, so this builds the release source
+# against the running server: the tarball named by TIMESCALEDB_TARBALL, else
+# ../shared/timescaledb-2.28.3.tar.gz beside the checkout when it exists, else the tag's source
+# from TimescaleDB's GitHub repository. It replaces an Apache-only or older build in place (the
+# versioned libraries of older releases stay: databases still on them keep working until their
+# migration updates them), keeps shared_preload_libraries as it was plus timescaledb, and
+# restarts PostgreSQL at most once. A second run finds everything in place in well under a second.
+# 2.28 is the last release line that supports PostgreSQL 15.
 set -euo pipefail
 
+VERSION="2.28.3"
+SHA256="ec2f7de0ba53a473c01e0a57e09053898c6b1f7487228caff0f1d31c8cb2dedb"
 PGHOST="${PGHOST:-127.0.0.1}"
 PGPORT="${PGPORT:-5432}"
 PGUSER="${PGUSER:-postgres}"
+here="$(cd "$(dirname "$0")/.." && pwd)"
 psql_q() { psql -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d postgres -XAtqc "$1"; }
 
 major="$(psql_q 'show server_version_num')"
 major="$((major / 10000))"
 pg_config="/usr/lib/postgresql/${major}/bin/pg_config"
 extdir="/usr/share/postgresql/${major}/extension"
+libdir="/usr/lib/postgresql/${major}/lib"
 
 preloaded() { psql_q 'show shared_preload_libraries' | tr ', ' '\n\n' | grep -qx timescaledb; }
+# The community edition: the tsl library of this version, and the control file defaulting to it.
+built() {
+    [[ -f "${libdir}/timescaledb-tsl-${VERSION}.so" && -f "${extdir}/timescaledb--${VERSION}.sql" ]] \
+        && grep -q "default_version = '${VERSION}'" "${extdir}/timescaledb.control"
+}
+# The community edition reports usage to Timescale unless told not to; our machines (and many
+# hospital networks) have no way out, and a service should not phone home by default.
+# The setting exists only where the extension is loaded, so it goes to a file of the cluster's
+# conf.d (Debian's postgresql.conf includes that folder), which takes placeholders.
+confdir="$(dirname "$(psql_q 'show config_file')")/conf.d"
+telemetry_conf="${confdir}/timescaledb-telemetry.conf"
+telemetry_off() { grep -qsx "timescaledb.telemetry_level = off" "$telemetry_conf"; }
 
-if [[ -f "${extdir}/timescaledb.control" ]] && preloaded; then
-    echo "timescaledb: installed and preloaded on PostgreSQL ${major}"
+if built && preloaded && telemetry_off; then
+    echo "timescaledb: ${VERSION} (community) installed and preloaded on PostgreSQL ${major}"
     exit 0
 fi
 
@@ -33,64 +54,58 @@ work="$(mktemp -d /tmp/timescaledb-build.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 export DEBIAN_FRONTEND=noninteractive
 
-# The mirror the machine already uses (deb822 or one-line format).
-mirror="$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
-    | grep -E '^[[:space:]]*(URIs:|deb )' | grep -oE 'https?://[^ ]+/debian/?( |$)' \
-    | tr -d ' ' | head -n1 || true)"
-mirror="${mirror:-http://deb.debian.org/debian}"
-mirror="${mirror%/}"
-
-private_apt() {
-    # apt-get with a private source list and state, leaving the machine's apt untouched.
-    mkdir -p "$work/apt/lists/partial" "$work/apt/archives/partial"
-    apt-get -q -oDir::Etc::SourceList="$work/apt/sources.list" -oDir::Etc::SourceParts=/dev/null \
-        -oDir::State::Lists="$work/apt/lists" -oDir::Cache::Archives="$work/apt/archives" \
-        -oAPT::Sandbox::User=root "$@"
+source_tarball() {
+    if [[ -n "${TIMESCALEDB_TARBALL:-}" ]]; then
+        echo "$TIMESCALEDB_TARBALL"
+    elif [[ -f "${here}/../shared/timescaledb-${VERSION}.tar.gz" ]]; then
+        echo "${here}/../shared/timescaledb-${VERSION}.tar.gz"
+    else
+        curl -fsSL -o "$work/src.tar.gz" \
+            "https://github.com/timescale/timescaledb/archive/refs/tags/${VERSION}.tar.gz"
+        echo "$work/src.tar.gz"
+    fi
 }
 
-if [[ -f "${extdir}/timescaledb.control" ]]; then
-    echo "timescaledb: extension files present, only preloading"
+fresh=false
+if built; then
+    echo "timescaledb: ${VERSION} present"
 else
-    echo "timescaledb: building the Apache edition for PostgreSQL ${major}"
-    apt-get -q update >/dev/null
-    pkgs=(cmake build-essential dpkg-dev libssl-dev)
-    candidate="$(apt-cache policy "postgresql-server-dev-${major}" | sed -n 's/ *Candidate: //p')"
-    if [[ -n "$candidate" && "$candidate" != "(none)" ]]; then
-        pkgs+=("postgresql-server-dev-${major}")
+    fresh=true
+    tarball="$(source_tarball)"
+    echo "timescaledb: building ${VERSION} (community edition) from ${tarball} for PostgreSQL ${major}"
+    if ! echo "${SHA256}  ${tarball}" | sha256sum -c --quiet - 2>/dev/null; then
+        echo "timescaledb: ${tarball} is not the ${VERSION} source (SHA-256 differs)" >&2
+        exit 1
     fi
-    apt-get -q install -y --no-install-recommends "${pkgs[@]}" >/dev/null
-    if [[ ! -f "/usr/include/postgresql/${major}/server/postgres.h" ]]; then
-        # The server is older than this Debian's own PostgreSQL (Debian 13 with 15): its headers
-        # come from Debian 12. Only the build reads them, so unpack them in place rather than
-        # installing a package whose dependencies belong to another release.
-        mkdir -p "$work/apt"
-        echo "deb ${mirror} bookworm main" >"$work/apt/sources.list"
-        private_apt update >/dev/null
-        (cd "$work" && private_apt download "postgresql-server-dev-${major}" >/dev/null)
-        dpkg-deb -x "$work"/postgresql-server-dev-"${major}"_*.deb "$work/headers"
-        cp -a "$work/headers/usr/." /usr/
+    if [[ ! -f "/usr/include/postgresql/${major}/server/postgres.h" ]] || ! command -v cmake >/dev/null; then
+        apt-get -q update >/dev/null
+        apt-get -q install -y --no-install-recommends cmake build-essential libssl-dev \
+            "postgresql-server-dev-${major}" >/dev/null
     fi
-
-    mkdir -p "$work/apt"
-    echo "deb-src ${mirror} trixie main" >"$work/apt/sources.list"
-    rm -rf "$work/apt/lists"
-    private_apt update >/dev/null
-    (cd "$work" && private_apt source --download-only timescaledb >/dev/null)
-    (cd "$work" && dpkg-source -x --no-check timescaledb_*.dsc src >/dev/null)
-
-    (cd "$work/src" && ./bootstrap -DPG_CONFIG="$pg_config" -DAPACHE_ONLY=1 -DREGRESS_CHECKS=OFF \
-        -DTAP_CHECKS=OFF -DWARNINGS_AS_ERRORS=OFF -DLINTER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null)
+    mkdir -p "$work/src"
+    tar -xzf "$tarball" -C "$work/src" --strip-components=1
+    (cd "$work/src" && ./bootstrap -DPG_CONFIG="$pg_config" -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF \
+        -DWARNINGS_AS_ERRORS=OFF -DLINTER=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null)
     make -C "$work/src/build" -j"$(nproc)" install >/dev/null
 fi
 
+# A freshly installed loader is loaded only by a restart.
+restart="$fresh"
 if ! preloaded; then
     current="$(psql_q 'show shared_preload_libraries')"
-    wanted="${current:+${current}, }timescaledb"
-    psql_q "alter system set shared_preload_libraries = '${wanted}'" >/dev/null
+    psql_q "alter system set shared_preload_libraries = '${current:+${current}, }timescaledb'" >/dev/null
+    restart=true
+fi
+if $restart; then
     pg_ctlcluster --skip-systemctl-redirect "$major" main restart
     for _ in $(seq 1 60); do
         pg_isready -q -h "$PGHOST" -p "$PGPORT" && break
         sleep 0.5
     done
 fi
-echo "timescaledb: ready ($(psql_q "select default_version from pg_available_extensions where name = 'timescaledb'"))"
+if ! telemetry_off; then
+    mkdir -p "$confdir"
+    echo "timescaledb.telemetry_level = off" >"$telemetry_conf"
+    psql_q "select pg_reload_conf()" >/dev/null
+fi
+echo "timescaledb: ready ($(psql_q "select default_version from pg_available_extensions where name = 'timescaledb'"), community edition)"
