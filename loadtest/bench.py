@@ -13,8 +13,7 @@ figure next to its reference, writes loadtest/results/bench.json and prints a ta
 
 The load generator (wrk, else a Python asyncio client) runs on the same machine and shares
 its cores with the service and PostgreSQL. Environment: BENCH_DURATION (seconds per phase,
-default 10), BENCH_AGG_DAYS (30), BENCH_AGGREGATES=always (load and time the raw side even
-when the aggregates route is missing), BENCH_PORT (8600), VITALSTORE_API_KEY,
+default 10), BENCH_AGG_DAYS (30), BENCH_PORT (8600), VITALSTORE_API_KEY,
 BENCH_KEEP_DB=1 (keep the scratch database).
 """
 
@@ -46,7 +45,6 @@ DEVICES_PER_THREAD = 1000
 BATCH_READINGS = 1000
 # 5,000 readings of 4 metrics: the rows of one full flush (VITALSTORE_FLUSH_MAX_READINGS).
 COPY_BATCH_ROWS = 20_000
-AGGREGATES_ROUTE = "/v1/devices/{device}/aggregates"
 
 GOALS = {
     # ratio: (comparison, bound)
@@ -72,7 +70,7 @@ def _reading(prefix: str, n: int, base: int) -> bytes:
 class Bench:
     def __init__(self) -> None:
         self.wrk = harness.ensure_wrk()
-        self.key: str | None = None
+        self.key = ""
         self.base = int(time.time()) - 3 * 3600
         self.figures: dict[str, Any] = {}
         self.notes: list[str] = []
@@ -88,7 +86,7 @@ class Bench:
             return await asyncio.to_thread(
                 harness.run_wrk, self.wrk, url, "post_readings.lua",
                 [path, prefix, str(per_request), str(DEVICES_PER_THREAD), str(self.base),
-                 self.key or ""],
+                 self.key],
                 seconds=seconds, connections=connections)
         headers = {"Content-Type": "application/json", **harness.auth_headers(self.key)}
 
@@ -119,7 +117,7 @@ class Bench:
             if self.wrk is not None:
                 return await asyncio.to_thread(
                     harness.run_wrk, self.wrk, url, "get_paths.lua",
-                    [str(paths_file), self.key or ""], seconds=seconds, connections=connections)
+                    [str(paths_file), self.key], seconds=seconds, connections=connections)
             return await asyncload.load(
                 url, lambda i: ("GET", paths[i % len(paths)], b""), seconds=seconds,
                 connections=connections, headers=harness.auth_headers(self.key))
@@ -304,16 +302,6 @@ class Bench:
 
     async def aggregates_phase(self, service: Service, db_url: str) -> dict[str, Any]:
         """30 days of one device at 1 reading/s: time_bucket over raw rows vs the endpoint."""
-        conn = asyncload.Connection(service.url, harness.auth_headers(self.key))
-        status, schema = await conn.request("GET", "/schema/openapi.json")
-        has_route = status == 200 and AGGREGATES_ROUTE in json.loads(schema).get("paths", {})
-        if not has_route and os.environ.get("BENCH_AGGREGATES") != "always":
-            await conn.close()
-            note = (f"aggregates phase skipped: GET {AGGREGATES_ROUTE} is not in this build"
-                    " (it answers 404 until the rollups branch is merged)")
-            self.notes.append(note)
-            log(note)
-            return {"skipped": note}
         end = (datetime.now(UTC) - timedelta(days=31)).replace(minute=0, second=0,
                                                                microsecond=0)
         start = end - timedelta(days=AGG_DAYS)
@@ -347,10 +335,9 @@ class Bench:
             "raw_time_bucket_ms": round(statistics.median(raw_ms), 1),
         }
         log(f"  raw time_bucket: {figure['raw_time_bucket_ms']:,.1f} ms ({buckets} rows)")
-        if has_route:
-            # A fresh connection: the server may close one left idle through the long load.
-            await conn.close()
-            conn = asyncload.Connection(service.url, harness.auth_headers(self.key))
+        # A connection opened after the long load: the server may close one left idle.
+        conn = asyncload.Connection(service.url, harness.auth_headers(self.key))
+        try:
             query = urllib.parse.urlencode({"from": start.isoformat(), "to": end.isoformat(),
                                             "bucket": "1h"})
             path = f"/v1/devices/{device}/aggregates?{query}"
@@ -359,13 +346,11 @@ class Bench:
                 raise RuntimeError(f"GET {path}: {status} {answer[:300]!r}")
             items = len(json.loads(answer)["items"])
             samples = await asyncload.timed(conn, "GET", path, count=20)
-            figure.update({"endpoint_items": items, "endpoint_ms": round(
-                statistics.median(samples), 2), "endpoint_p99_ms": round(max(samples), 2)})
-            log(f"  aggregates endpoint: {figure['endpoint_ms']:.2f} ms ({items} items)")
-        else:
-            self.notes.append("aggregates endpoint missing: only the raw time_bucket side"
-                              " was measured")
-        await conn.close()
+        finally:
+            await conn.close()
+        figure.update({"endpoint_items": items, "endpoint_ms": round(
+            statistics.median(samples), 2), "endpoint_p99_ms": round(max(samples), 2)})
+        log(f"  aggregates endpoint: {figure['endpoint_ms']:.2f} ms ({items} items)")
         return figure
 
     # -- report --------------------------------------------------------------------------
@@ -486,8 +471,6 @@ async def main() -> None:
         machine = await harness.machine(db.url, bench.wrk)
         machine["duration_s_per_phase"] = DURATION
         env = {"VITALSTORE_BENCH_ROUTES": "true"}
-        if bench.key is None and harness.keys_command_exists():
-            env["VITALSTORE_AUTH"] = "disabled"
         log(f"database {db.name}; phases of {DURATION:g} s; load generator"
             f" {machine['load_generator']}")
 

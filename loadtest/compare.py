@@ -36,7 +36,7 @@ LOADS = {
 }
 
 
-async def seed(url: str, key: str | None) -> list[str]:
+async def seed(url: str, key: str) -> list[str]:
     devices = [f"read-{i:03d}" for i in range(100)]
     body = json.dumps([{"device": d, "timestamp": int(time.time()) - 60 + n,
                         "heartRateValue": 70 + n, "spo2": 97, "respiratoryRate": 14,
@@ -99,11 +99,11 @@ def main() -> None:
         for round_number in range(args.rounds + 1):  # round 0 warms up
             for label, service in services.items():
                 if script == "get_paths.lua":
-                    wrk_args = [str(paths_file), key or ""]
+                    wrk_args = [str(paths_file), key]
                 else:
                     path = "/bench/noop" if args.kind == "noop" else "/v1/readings"
                     wrk_args = [path, f"{label}{round_number}-", str(per_request), "1000",
-                                base, key or ""]
+                                base, key]
                 result = harness.run_wrk(wrk, service.url, script, wrk_args,
                                          seconds=args.seconds if round_number else 2,
                                          connections=connections)

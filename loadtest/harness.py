@@ -1,7 +1,7 @@
 """Shared parts of the benchmarks and load runs.
 
 Scratch databases (created, migrated with `vitalstore db upgrade`, dropped), the service in a
-subprocess with its peak RSS sampled, API keys when the build has them, wrk runs with a
+subprocess with its peak RSS sampled, API keys, wrk runs with a
 JSON summary, the machine description, and fast SQL loading of synthetic readings.
 """
 
@@ -94,25 +94,13 @@ class ScratchDatabase:
         await self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
-def disk_bytes(path: str = "/var/lib/postgresql") -> int:
-    return shutil.disk_usage(path if os.path.exists(path) else "/").free
-
-
 # -- API keys ----------------------------------------------------------------------------
 
 
-def keys_command_exists() -> bool:
-    """True when this build of `vitalstore` has the `keys` subcommand (the auth branch)."""
-    done = subprocess.run([VITALSTORE, "keys", "--help"], capture_output=True, check=False)
-    return done.returncode == 0
-
-
-def api_key(db_url: str, env_name: str = "VITALSTORE_API_KEY") -> str | None:
-    """The key to send: from `env_name`, else a new one made with the CLI when it exists."""
+def api_key(db_url: str, env_name: str = "VITALSTORE_API_KEY") -> str:
+    """The key to send: from `env_name`, else a new one of every scope made with the CLI."""
     if os.environ.get(env_name):
         return os.environ[env_name]
-    if not keys_command_exists():
-        return None
     done = subprocess.run(
         [VITALSTORE, "keys", "create", "--name", f"bench-{os.getpid()}",
          "--scope", "ingest,read,admin"],
@@ -125,8 +113,8 @@ def api_key(db_url: str, env_name: str = "VITALSTORE_API_KEY") -> str | None:
     return lines[-1].split()[-1]
 
 
-def auth_headers(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
+def auth_headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 # -- processes ---------------------------------------------------------------------------

@@ -23,7 +23,6 @@ LOADTEST_API_KEY, when set, is sent as `Authorization: Bearer <key>`.
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import os
@@ -38,7 +37,6 @@ from locust import between, constant_pacing, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
 
-AGGREGATES_ROUTE = "/v1/devices/{device}/aggregates"
 HEADERS = {"Content-Type": "application/json"}
 if os.environ.get("LOADTEST_API_KEY"):
     HEADERS["Authorization"] = f"Bearer {os.environ['LOADTEST_API_KEY']}"
@@ -51,7 +49,7 @@ _known: set[str] = set()
 wards: dict[int, list[str]] = {}
 _bed_numbers = itertools.count()
 _gateway_numbers = itertools.count()
-settings: dict[str, Any] = {"has_aggregates": True}
+settings: dict[str, Any] = {}
 
 
 @events.init_command_line_parser.add_listener
@@ -82,30 +80,6 @@ def _configure(environment: Environment, **_: Any) -> None:
     for pair in filter(None, options.weights.split(",")):
         name, _, weight = pair.partition("=")
         classes[name.strip()].weight = int(weight)
-
-
-@events.test_start.add_listener
-def _check_routes(environment: Environment, **_: Any) -> None:
-    """Clinicians skip aggregates when this build has no aggregates route (yet)."""
-    if not environment.host:
-        return
-    parts = urllib.parse.urlsplit(environment.host)
-    connection_class = (http.client.HTTPSConnection if parts.scheme == "https"
-                        else http.client.HTTPConnection)
-    conn = connection_class(parts.netloc, timeout=10)
-    try:
-        conn.request("GET", "/schema/openapi.json", headers=READ_HEADERS)
-        answer = conn.getresponse()
-        if answer.status != 200:
-            return
-        paths = json.loads(answer.read()).get("paths", {})
-    except (OSError, ValueError):
-        return
-    finally:
-        conn.close()
-    settings["has_aggregates"] = AGGREGATES_ROUTE in paths
-    if not settings["has_aggregates"]:
-        print(f"note: {AGGREGATES_ROUTE} is not in this build; clinicians skip aggregates")
 
 
 def remember(device: str) -> None:
@@ -322,11 +296,10 @@ class Clinician(FastHttpUser):
             return
         device = urllib.parse.quote(random.choice(known_devices), safe="")
         now = datetime.now(UTC)
-        if settings["has_aggregates"]:
-            day = urllib.parse.urlencode({"from": (now - timedelta(hours=24)).isoformat(),
-                                          "to": now.isoformat(), "bucket": "1m"})
-            self.client.get(f"/v1/devices/{device}/aggregates?{day}", headers=READ_HEADERS,
-                            name="/v1/devices/[id]/aggregates 24h by 1m")
+        day = urllib.parse.urlencode({"from": (now - timedelta(hours=24)).isoformat(),
+                                      "to": now.isoformat(), "bucket": "1m"})
+        self.client.get(f"/v1/devices/{device}/aggregates?{day}", headers=READ_HEADERS,
+                        name="/v1/devices/[id]/aggregates 24h by 1m")
         hour = urllib.parse.urlencode({"from": (now - timedelta(hours=1)).isoformat()})
         self.client.get(f"/v1/devices/{device}/readings?{hour}", headers=READ_HEADERS,
                         name="/v1/devices/[id]/readings 1h")

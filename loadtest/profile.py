@@ -124,7 +124,7 @@ def main() -> None:
                 paths = RESULTS / "paths-profile.txt"
                 devices = [f"p-0-{i}" for i in range(100)]
                 harness.run_wrk(wrk, service.url, "post_readings.lua",
-                                ["/v1/readings", "p-", "100", "100", base, key or ""],
+                                ["/v1/readings", "p-", "100", "100", base, key],
                                 seconds=1, connections=1, threads=1)
                 if kind == "latest":
                     paths.write_text("".join(f"/v1/devices/{urllib.parse.quote(d)}/latest\n"
@@ -135,7 +135,7 @@ def main() -> None:
                 args = [str(paths)]
             else:
                 args = [*args, "1000", base]
-            args.append(key or "")
+            args.append(key)
             harness.run_wrk(wrk, service.url, script, args, seconds=3,
                             connections=connections)  # warm up
             stem = RESULTS / f"profile-{kind}"

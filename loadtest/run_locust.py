@@ -1,7 +1,7 @@
 """`make loadtest`: the locust fleet, headless, with a pass/fail verdict.
 
 Against LOADTEST_HOST when set; otherwise starts the service on a scratch database (and makes
-an API key with the CLI when this build has `vitalstore keys`). Runs LOADTEST_DURATION
+an API key with the CLI). Runs LOADTEST_DURATION
 seconds (60) with LOADTEST_USERS users (200, spawned at LOADTEST_SPAWN_RATE, 50/s), writes
 locust's HTML report and CSV stats under loadtest/results/, prints the stats per request
 group, and exits non-zero when any request failed or the p99 of any group passes
@@ -71,10 +71,7 @@ async def main() -> int:
         db = await ScratchDatabase("loadtest").create()
         try:
             key = key or harness.api_key(db.url, "LOADTEST_API_KEY")
-            env = {}
-            if key is None and harness.keys_command_exists():
-                env["VITALSTORE_AUTH"] = "disabled"
-            with Service(db.url, env=env, name="vitalstore-loadtest") as service:
+            with Service(db.url, name="vitalstore-loadtest") as service:
                 code = await asyncio.to_thread(run_locust, service.url, key)
                 log(f"peak RSS of the service: {service.peak_rss / 2**20:.0f} MB")
         finally:

@@ -25,7 +25,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from vitalstore import keys
-from vitalstore.app import ALEMBIC_INI, create_app
+from vitalstore.app import create_app
+from vitalstore.database import alembic_config
 from vitalstore.settings import Settings
 
 ADMIN_URL = os.environ.get("VITALSTORE_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -53,12 +54,10 @@ async def _drop(name: str) -> None:
 async def template_db() -> AsyncIterator[str]:
     """A database migrated to head with Alembic, used only as a template."""
     from alembic import command
-    from alembic.config import Config
 
     name = f"vs_test_tmpl_{RUN_ID}"
     await _admin(f'CREATE DATABASE "{name}"')
-    config = Config(str(ALEMBIC_INI))
-    config.attributes["url"] = database_url(name).replace("postgresql://", "postgresql+asyncpg://")
+    config = alembic_config(database_url(name).replace("postgresql://", "postgresql+asyncpg://"))
     # Alembic's env.py runs its own event loop: run it off this one.
     await asyncio.to_thread(command.upgrade, config, "head")
     # TimescaleDB's background workers must not hold connections to a template.
@@ -197,9 +196,6 @@ def server_factory(db_url: str, api_headers: dict[str, str]) -> Iterator[Any]:
 
 
 @pytest.fixture
-def auth(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The `api_headers` fixture where the service has API keys, else no headers."""
-    try:
-        return dict(request.getfixturevalue("api_headers"))
-    except pytest.FixtureLookupError:
-        return {}
+def auth(api_headers: dict[str, str]) -> dict[str, str]:
+    """A copy of `api_headers`, for a test to change."""
+    return dict(api_headers)

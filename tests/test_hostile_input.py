@@ -202,17 +202,13 @@ def rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [main, *main.children(recursive=True)])
 
 
-def server_headers(server: Any) -> dict[str, str]:
-    return dict(getattr(server, "headers", None) or {})
-
-
 async def test_gzip_bomb_is_refused_while_inflating_with_memory_flat(server_factory):
     server = server_factory()  # default limit: 16 MiB inflated
     bomb = gzip_bomb()
     assert len(bomb) < 1_100_000
     before = rss(server.process.pid)
     peak = before
-    async with httpx.AsyncClient(base_url=server.url, headers=server_headers(server),
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers,
                                  timeout=60) as client:
 
         async def one() -> httpx.Response:
@@ -234,7 +230,7 @@ async def test_gzip_bomb_is_refused_while_inflating_with_memory_flat(server_fact
 
 
 def http_head(server: Any, path: str, length: int) -> bytes:
-    extra = "".join(f"{k}: {v}\r\n" for k, v in server_headers(server).items())
+    extra = "".join(f"{k}: {v}\r\n" for k, v in server.headers.items())
     return (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             f"content-length: {length}\r\n{extra}\r\n").encode()
 
@@ -248,7 +244,7 @@ async def test_body_over_the_limit_is_413_with_or_without_content_length(server_
             yield body[start:start + 4096]
 
     before = await row_counts(db)
-    async with httpx.AsyncClient(base_url=server.url, headers=server_headers(server)) as client:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
         with_length = await client.post("/v1/readings", content=body, headers=JSON)
         chunked = await client.post("/v1/readings", content=chunks(), headers=JSON)
         assert (await client.get("/health")).status_code == 200
@@ -279,7 +275,7 @@ async def test_trickling_client_is_cut_off_while_others_are_served(server_factor
     trickling = asyncio.create_task(trickle())
     answered = asyncio.create_task(answer_and_when())
     served = []
-    async with httpx.AsyncClient(base_url=server.url, headers=server_headers(server)) as client:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
         while time.monotonic() - started < body_timeout + 1:
             sent = time.monotonic()
             response = await client.post("/v1/readings", content=encoded(
@@ -308,7 +304,7 @@ async def test_client_hanging_up_mid_body_is_no_server_error(server_factory):
         # And one that hangs up after the whole body, before its answer.
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(http_head(server, "/v1/readings", len(body)) + body)
-    async with httpx.AsyncClient(base_url=server.url, headers=server_headers(server)) as client:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
         await asyncio.sleep(0.5)
         assert (await client.get("/health")).status_code == 200
         metrics = (await client.get("/metrics")).text

@@ -171,13 +171,9 @@ async def test_naive_baseline_stores_into_the_same_tables(db_url, db):
                              device["id"]) == 4
 
 
-def test_keys_are_made_only_when_the_cli_has_them(monkeypatch):
+def test_a_key_given_in_the_environment_is_used_as_it_is(monkeypatch):
     monkeypatch.setenv("VITALSTORE_API_KEY", "given-key")
     assert harness.api_key("postgresql://unused/x") == "given-key"
-    monkeypatch.delenv("VITALSTORE_API_KEY")
-    has_keys = subprocess.run([harness.VITALSTORE, "keys", "--help"], capture_output=True,
-                              check=False).returncode == 0
-    assert harness.keys_command_exists() is has_keys
 
 
 async def test_locust_fleet_runs_headless_without_failures(server_factory, tmp_path):

@@ -15,7 +15,7 @@ EXAMPLES_PER_OPERATION = 25
 
 def test_live_service_keeps_its_openapi_contract(server_factory, tmp_path):
     server = server_factory()
-    headers = dict(getattr(server, "headers", None) or {})
+    headers = server.headers
     command = [
         str(Path(sys.executable).with_name("st")), "run", f"{server.url}/schema/openapi.json",
         "--checks", ",".join(CHECKS), "--max-examples", str(EXAMPLES_PER_OPERATION),

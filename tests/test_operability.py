@@ -14,8 +14,8 @@ import msgspec
 import pytest
 
 from vitalstore import logs
-from vitalstore.metrics import SAMPLE_INTERVAL_S
 from vitalstore.settings import Settings
+from vitalstore.telemetry import SAMPLE_INTERVAL_S
 
 NOW = int(time.time()) - 3600
 
@@ -87,7 +87,7 @@ async def test_an_insane_request_id_is_replaced(client, incoming):
 
 async def test_metrics_of_all_workers_add_up(server_factory):
     server = server_factory(VITALSTORE_WORKERS="2", VITALSTORE_LOG_LEVEL="DEBUG")
-    headers = dict(getattr(server, "headers", None) or {})
+    headers = server.headers
     requests = 40
 
     # A client (so a connection) each, so that the kernel spreads them over both workers.
@@ -114,7 +114,7 @@ async def test_metrics_of_all_workers_add_up(server_factory):
 
 async def test_logs_are_one_json_object_a_line_with_the_request_id(server_factory):
     server = server_factory(VITALSTORE_LOG_LEVEL="DEBUG")
-    headers = dict(getattr(server, "headers", None) or {})
+    headers = server.headers
     async with httpx.AsyncClient(base_url=server.url, headers=headers) as client:
         response = await client.post(
             "/v1/readings", content=b'{"device":"log-test","timestamp":' + str(NOW).encode()

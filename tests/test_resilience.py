@@ -14,13 +14,9 @@ import msgspec
 NOW = int(time.time()) - 600
 
 
-def headers_of(server: Any) -> dict[str, str]:
-    return {"content-type": "application/json", **getattr(server, "headers", {})}
-
-
 async def post(http: httpx.AsyncClient, server: Any, body: Any) -> httpx.Response:
     return await http.post(server.url + "/v1/readings", content=msgspec.json.encode(body),
-                           headers=headers_of(server))
+                           headers={"content-type": "application/json", **server.headers})
 
 
 async def count_stored(db: asyncpg.Connection, prefix: str) -> int:
@@ -63,7 +59,7 @@ async def test_killed_connections_give_503_then_recover_without_restart(
         assert set(codes) <= {202, 503}
         assert codes[-5:] == [202] * 5  # recovered by itself
         latest = await http.get(f"{server.url}/v1/devices/{device}/latest",
-                                headers=headers_of(server))
+                                headers={"content-type": "application/json", **server.headers})
         assert latest.status_code == 200
     assert await count_stored(db, device) == acknowledged
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import cast
 
 import asyncpg
@@ -15,10 +14,16 @@ from litestar.exceptions import ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import Message, Scope
 
-from vitalstore import auth, logs, metrics, writer
+from vitalstore import auth, database, logs, telemetry, writer
 from vitalstore.api import aggregates, devices, ingest, keys, ops
-from vitalstore.api.common import database_refused, database_unavailable, invalid_request
-from vitalstore.ingest import Batcher
+from vitalstore.api.common import (
+    database_refused,
+    database_unavailable,
+    invalid_request,
+    problem_handler,
+)
+from vitalstore.batcher import Batcher
+from vitalstore.problems import Problem
 from vitalstore.readings import Validator
 from vitalstore.retention import Maintenance
 from vitalstore.services import Services
@@ -26,13 +31,6 @@ from vitalstore.settings import Settings
 from vitalstore.writer import NameIds
 
 log = logging.getLogger(__name__)
-
-ALEMBIC_INI = Path(__file__).resolve().parents[2] / "alembic.ini"
-
-
-class NotDurable(RuntimeError):
-    """The database would acknowledge commits that a crash can lose."""
-
 
 async def _init_read_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=msgspec.json.encode,
@@ -48,30 +46,10 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-async def check_durability(conn: asyncpg.Connection) -> None:
-    """Refuse to run where a commit is not durable: a 202 must survive a crash."""
-    for setting in ("fsync", "synchronous_commit"):
-        if await conn.fetchval(f"SHOW {setting}") == "off":
-            raise NotDurable(
-                f"PostgreSQL has {setting}=off: acknowledged readings could be lost in a crash;"
-                f" vitalstore refuses to start (set {setting}=on)"
-            )
-
-
-def schema_head() -> str | None:
-    """The newest Alembic revision shipped with this code."""
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-    if not ALEMBIC_INI.exists():
-        return None
-    return ScriptDirectory.from_config(Config(str(ALEMBIC_INI))).get_current_head()
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the service; resources are opened in the lifespan and closed in its `finally`."""
     settings = settings or Settings.from_env()
-    app_metrics = metrics.Metrics()
+    app_telemetry = telemetry.Telemetry()
 
     async def connect_writer() -> asyncpg.Connection:
         conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
@@ -88,8 +66,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         try:
             async with pool.acquire() as conn:
-                await check_durability(conn)
-            batcher = Batcher(settings, connect_writer, observe=app_metrics.observe_flush)
+                await database.check_durability(conn)
+            batcher = Batcher(settings, connect_writer, observe=app_telemetry.observe_flush)
             await batcher.start()
             app.state.services = Services(
                 settings=settings,
@@ -99,14 +77,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 batcher=batcher,
                 device_ids=NameIds("devices"),
                 metric_ids=NameIds("metrics"),
-                schema_head=schema_head(),
+                schema_head=database.schema_head(),
                 keys=auth.KeyStore(pool, settings),
-                metrics=app_metrics,
+                telemetry=app_telemetry,
             )
             maintenance = Maintenance(settings, pool)
             maintenance.start()
             try:
-                async with app_metrics.sampler(lambda: batcher.buffered, pool):
+                async with app_telemetry.sampler(lambda: batcher.buffered, pool):
                     yield
             finally:
                 await maintenance.stop()
@@ -118,7 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def on_send(message: Message, scope: Scope) -> None:
         if message["type"] == "http.response.start":
             logs.tag_response(message, scope)
-            app_metrics.count_response(message, scope)
+            app_telemetry.count_response(message, scope)
 
     route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *keys.ROUTES,
                       *aggregates.ROUTES]
@@ -135,7 +113,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers={
             **auth.EXCEPTION_HANDLERS,  # type: ignore[dict-item]
             **{cast("type[Exception]", exc): database_unavailable
-               for exc in (*writer.CONNECTION_ERRORS, asyncpg.PostgresError)},
+               for exc in (*database.CONNECTION_ERRORS, asyncpg.PostgresError)},
+            Problem: problem_handler,
             asyncpg.DataError: database_refused,
             ValidationException: invalid_request,
         },

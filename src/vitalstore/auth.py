@@ -36,10 +36,10 @@ from litestar.openapi.spec import Components, Reference, SecurityRequirement, Se
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
 from vitalstore import keys
+from vitalstore.database import CONNECTION_ERRORS
 from vitalstore.keys import KEY_FORMAT, SCOPES, ApiKey, Revoked
-from vitalstore.metrics import AUTH_FAILURES
 from vitalstore.settings import Settings
-from vitalstore.writer import CONNECTION_ERRORS
+from vitalstore.telemetry import AUTH_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ OPENAPI_COMPONENTS: Final = Components(security_schemes=SECURITY_SCHEMES)
 _SECURITY: Final[list[SecurityRequirement]] = [{"bearer": []}, {"apiKeyHeader": []}]
 
 
-def requires(scope: keys.Scope) -> dict[str, Any]:
+def requires(scope: keys.KeyScope) -> dict[str, Any]:
     """Route decorator arguments: needs a key with `scope`; declared in OpenAPI as well."""
     return {ACCESS_OPT: scope, "security": _SECURITY}
 

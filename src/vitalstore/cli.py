@@ -13,18 +13,20 @@ from pathlib import Path
 
 import asyncpg
 
-from vitalstore import keys, logs, metrics
-from vitalstore.app import ALEMBIC_INI, NotDurable, check_durability
+from vitalstore import keys, logs, telemetry
+from vitalstore.database import NotDurable, alembic_config, check_durability
+from vitalstore.problems import InvalidKeySpec
 from vitalstore.readings import parse_time
 from vitalstore.settings import Settings
 
 
 def _alembic_upgrade(settings: Settings) -> None:
     from alembic import command
-    from alembic.config import Config
 
-    config = Config(str(ALEMBIC_INI))
-    config.attributes["url"] = settings.sqlalchemy_url
+    try:
+        config = alembic_config(settings.sqlalchemy_url)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"vitalstore: {exc}; run `db upgrade` from a source checkout") from None
     command.upgrade(config, "head")
 
 
@@ -111,7 +113,7 @@ def serve(settings: Settings) -> None:
         # lifespan flushes what is left: granian must not kill the workers before.
         workers_kill_timeout=int(max(settings.shutdown_timeout_s, settings.flush_timeout_s)) + 5,
     )
-    with metrics.multiprocess_mode():
+    with telemetry.multiprocess_mode():
         server.serve()
 
 
@@ -150,7 +152,7 @@ async def _keys_command(settings: Settings, args: argparse.Namespace) -> None:
                 raise SystemExit(f"vitalstore: no active key named {args.name!r}")
             print(f"revoked key {args.name!r}; running servers refuse it within"
                   f" {settings.auth_cache_s:g} s")
-    except keys.InvalidKeySpec as exc:
+    except InvalidKeySpec as exc:
         raise SystemExit(f"vitalstore: {exc}") from None
     finally:
         await conn.close()

@@ -17,22 +17,17 @@ from typing import Any, Final, Literal, TypeAlias
 import asyncpg
 import msgspec
 
-Scope = Literal["ingest", "read", "admin"]
-SCOPES: Final[tuple[Scope, ...]] = ("ingest", "read", "admin")
+from vitalstore.problems import DuplicateName, InvalidKeySpec
+
+# What a key may do (not ASGI's `Scope`, the request's connection scope).
+KeyScope = Literal["ingest", "read", "admin"]
+SCOPES: Final[tuple[KeyScope, ...]] = ("ingest", "read", "admin")
 
 KEY_PREFIX = "vs_"
 # "vs_" + base64url of 32 bytes without padding: anything else is refused without a lookup.
 KEY_FORMAT = re.compile(r"^vs_[A-Za-z0-9_-]{43}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class InvalidKeySpec(ValueError):
-    """A name, scope list or prefix that a key cannot have: 422, or an error on the CLI."""
-
-
-class DuplicateName(InvalidKeySpec):
-    """A key that is not revoked already has this name."""
 
 
 class ApiKey(msgspec.Struct, frozen=True):

@@ -17,6 +17,7 @@ from typing import Any, cast
 import msgspec
 from litestar.types import HTTPResponseStartEvent, Scope
 
+from vitalstore.problems import Problem
 from vitalstore.settings import Settings
 
 # An incoming id is echoed into logs and headers: only short, plain ones are taken.
@@ -65,7 +66,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`2026-01-01T10:00:00.000Z INFO vitalstore.ingest [request id] message` for terminals."""
+    """`2026-01-01T10:00:00.000Z INFO vitalstore.batcher [request id] message` for terminals."""
 
     def format(self, record: logging.LogRecord) -> str:
         rid = request_id.get()
@@ -137,7 +138,7 @@ def tag_response(message: HTTPResponseStartEvent, scope: Scope) -> None:
 
 def log_exception(exc: Exception, scope: Scope) -> None:
     """An after-exception hook: an unhandled error (a 500) is logged with its traceback."""
-    status = getattr(exc, "status_code", 500)
+    status = exc.status if isinstance(exc, Problem) else getattr(exc, "status_code", 500)
     if status >= 500:
         request_id.set(request_id_of(scope))
         logging.getLogger("vitalstore.app").error(

@@ -1,17 +1,18 @@
-"""Read SQL: devices, latest values, reading history. One function per question."""
+"""Read SQL: devices, latest values, reading history. One function per question.
+
+Functions return typed rows; the route handlers shape the answers.
+"""
 
 from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from vitalstore.readings import datetime_to_rfc3339
-
-ONE_MICROSECOND = timedelta(microseconds=1)
+from vitalstore.database import ONE_MICROSECOND
 
 
 class BadCursor(ValueError):
@@ -73,15 +74,13 @@ async def list_devices(pool: asyncpg.Pool, *, prefix: str, limit: int,
     return [Device(*row) for row in rows]
 
 
-def _latest_object(name: str, last_seen: datetime, values: list[Any]) -> dict[str, Any]:
-    return {
-        "device": name,
-        "last_seen": datetime_to_rfc3339(last_seen),
-        "metrics": {
-            metric: {"value": value, "timestamp": datetime_to_rfc3339(ts)}
-            for metric, value, ts in values
-        },
-    }
+@dataclass(slots=True)
+class Latest:
+    """A device's newest value of each metric: (metric, value, ts) by metric name."""
+
+    device: str
+    last_seen: datetime
+    values: list[tuple[str, float, datetime]]
 
 
 _LATEST = """
@@ -99,27 +98,27 @@ _LATEST = """
 _LATEST_ONE = _LATEST.replace("d.name = ANY($1::text[])", "d.name = $1")
 
 
-async def latest(pool: asyncpg.Pool, names: list[str]) -> list[dict[str, Any]]:
-    """Latest object (device, last_seen, metrics) of each known device in `names`, by id."""
-    by_device: dict[str, tuple[datetime, list[Any]]] = {}
+async def latest(pool: asyncpg.Pool, names: list[str]) -> list[Latest]:
+    """The latest values of each known device in `names`, by id."""
+    by_device: dict[str, Latest] = {}
     rows = await (pool.fetch(_LATEST_ONE, names[0]) if len(names) == 1
                   else pool.fetch(_LATEST, names))
     for row in rows:
-        entry = by_device.setdefault(row["name"], (row["last_seen"], []))
+        entry = by_device.get(row["name"])
+        if entry is None:
+            entry = by_device[row["name"]] = Latest(row["name"], row["last_seen"], [])
         if row["metric"] is not None:
-            entry[1].append((row["metric"], row["value"], row["ts"]))
-    return [_latest_object(name, seen, values) for name, (seen, values) in by_device.items()]
+            entry.values.append((row["metric"], row["value"], row["ts"]))
+    return list(by_device.values())
 
 
 @dataclass(slots=True)
-class HistoryItem:
+class StoredReading:
+    """A reading as stored: its metric values and attributes at one timestamp."""
+
     ts: datetime
     metrics: dict[str, float]
     attributes: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"timestamp": datetime_to_rfc3339(self.ts), "metrics": self.metrics,
-                "attributes": self.attributes}
 
 
 async def history_page(
@@ -132,7 +131,7 @@ async def history_page(
     metric_names: dict[int, str],
     descending: bool,
     limit: int,
-) -> tuple[list[HistoryItem], bool]:
+) -> tuple[list[StoredReading], bool]:
     """Up to `limit` readings of a device in [start, end), and whether more follow.
 
     Keyset pages: the caller narrows [start, end) past the last item for the next page, so
@@ -172,8 +171,8 @@ async def history_page(
             ORDER BY ts {order}, metric_id""",
         *args,
     )
-    items: dict[datetime, HistoryItem] = {
-        row["ts"]: HistoryItem(row["ts"], {}, {}) for row in times
+    items: dict[datetime, StoredReading] = {
+        row["ts"]: StoredReading(row["ts"], {}, {}) for row in times
     }
     for ts, metric_id, value in values:
         items[ts].metrics[metric_names[metric_id]] = value
@@ -198,8 +197,17 @@ async def device_metric_ids(pool: asyncpg.Pool, device_id: int) -> list[int]:
 _COMPAT_ORDER = {"deviceId": "d.name", "timestamp": "d.last_seen"}
 
 
+@dataclass(slots=True)
+class CompatDevice:
+    """A device of the old `GET /vital-data`: its latest value of each metric."""
+
+    device: str
+    last_seen: datetime
+    values: dict[str, float]
+
+
 async def compat_page(pool: asyncpg.Pool, *, sort_by: str, descending: bool, count: int,
-                      offset: int, prefix: str = "") -> tuple[int, list[dict[str, Any]]]:
+                      offset: int, prefix: str = "") -> tuple[int, list[CompatDevice]]:
     """`GET /vital-data` of the system we replace: devices (ids starting with `prefix`) with
     their latest values."""
     direction = "DESC" if descending else "ASC"
@@ -224,13 +232,7 @@ async def compat_page(pool: asyncpg.Pool, *, sort_by: str, descending: bool, cou
         "SELECT l.device_id, m.name, l.value FROM latest l JOIN metrics m ON m.id = l.metric_id"
         " WHERE l.device_id = ANY($1::int4[])",
         [row["id"] for row in rows])
-    by_device: dict[int, dict[str, Any]] = {}
-    for row in rows:
-        seconds = row["last_seen"].timestamp()
-        by_device[row["id"]] = {
-            "deviceId": row["name"],
-            "lastUpdated": int(seconds) if seconds.is_integer() else seconds,
-        }
+    by_device = {row["id"]: CompatDevice(row["name"], row["last_seen"], {}) for row in rows}
     for device_id, metric, value in values:
-        by_device[device_id].setdefault(metric, value)
+        by_device[device_id].values[metric] = value
     return total, list(by_device.values())

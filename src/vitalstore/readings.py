@@ -16,10 +16,9 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-# Timestamps travel as microseconds since PostgreSQL's epoch (2000-01-01 UTC), the integer that
-# asyncpg's tuple codec for timestamptz takes: no datetime object per reading on the hot path.
-PG_EPOCH_UNIX_S = 946_684_800
-MIN_TIMESTAMP_S = PG_EPOCH_UNIX_S  # 2000-01-01T00:00:00Z, "not before 2000"
+from vitalstore.database import EPOCH_UNIX_S
+from vitalstore.problems import InvalidItems, ItemError, MalformedBody, TooManyReadings
+
 # A Unix time in seconds above this (year 5138) is certainly milliseconds or finer.
 _MILLISECONDS_HINT = 100_000_000_000
 
@@ -43,46 +42,15 @@ class Reading(NamedTuple):
     attributes: bytes | None  # the JSON object of non-numeric fields, encoded; None when empty
 
 
-class ItemError(msgspec.Struct):
-    """What is wrong with one item of a request."""
-
-    index: int
-    field: str
-    message: str
-
-
-class MalformedBody(Exception):
-    """The body is not JSON (or NDJSON) of the expected shape: 400."""
-
-
-class TooManyItems(Exception):
-    """More readings in one request than allowed: 413."""
-
-
 class _DuplicateKey(Exception):
     pass
-
-
-class InvalidItems(Exception):
-    """Some items are invalid: 422 with every error (up to MAX_REPORTED_ERRORS)."""
-
-    def __init__(self, errors: list[ItemError]) -> None:
-        super().__init__(f"{len(errors)} invalid item(s)")
-        self.errors = errors
 
 
 def unix_to_pg_us(seconds: float) -> int:
     """Unix seconds (int or float) to microseconds since 2000-01-01."""
     if isinstance(seconds, int):
-        return (seconds - PG_EPOCH_UNIX_S) * 1_000_000
-    return round(seconds * 1_000_000) - PG_EPOCH_UNIX_S * 1_000_000
-
-
-def pg_us_to_rfc3339(ts_us: int) -> str:
-    """Microseconds since 2000-01-01 to `2025-06-18T10:00:01.250000Z`."""
-    seconds, micros = divmod(ts_us, 1_000_000)
-    moment = time.gmtime(seconds + PG_EPOCH_UNIX_S)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", moment) + f".{micros:06d}Z"
+        return (seconds - EPOCH_UNIX_S) * 1_000_000
+    return round(seconds * 1_000_000) - EPOCH_UNIX_S * 1_000_000
 
 
 def datetime_to_rfc3339(moment: datetime) -> str:
@@ -142,7 +110,10 @@ class Validator:
         self.max_future_skew_s = max_future_skew_s
 
     def decode(self, body: bytes, content_type: str) -> list[Reading]:
-        """Decode and validate a request body; raises MalformedBody/TooManyItems/InvalidItems."""
+        """Decode and validate a request body.
+
+        Raises MalformedBody, TooManyReadings or InvalidItems.
+        """
         ndjson = content_type == "application/x-ndjson"
         items = self._decode_ndjson(body) if ndjson else self._decode_json(body)
         readings, pairs = self._validate(items)
@@ -161,7 +132,8 @@ class Validator:
             return [decoded]
         if isinstance(decoded, list):
             if len(decoded) > self.max_items:
-                raise TooManyItems(f"{len(decoded)} readings; at most {self.max_items} per request")
+                raise TooManyReadings(
+                    f"{len(decoded)} readings; at most {self.max_items} per request")
             return decoded
         raise MalformedBody("the body must be a reading object or an array of reading objects")
 
@@ -171,7 +143,7 @@ class Validator:
             if not line.strip():
                 continue
             if len(items) >= self.max_items:
-                raise TooManyItems(f"more than {self.max_items} readings in one request")
+                raise TooManyReadings(f"more than {self.max_items} readings in one request")
             try:
                 items.append(_decoder.decode(line))
             except msgspec.DecodeError as exc:
@@ -180,10 +152,6 @@ class Validator:
                 raise MalformedBody(f"malformed JSON on line {number}: nested too deeply"
                                     ) from None
         return items
-
-    def validate(self, items: list[Any]) -> list[Reading]:
-        """Check every item; all valid gives the readings, else InvalidItems lists the errors."""
-        return self._validate(items)[0]
 
     def _validate(self, items: list[Any]) -> tuple[list[Reading], int]:
         """The readings, and the count `_raw_pairs` gives for their JSON if no key repeats."""
@@ -238,7 +206,7 @@ class Validator:
             except ValueError as exc:
                 errors.append(ItemError(index, "timestamp", str(exc)))
             else:
-                if seconds < MIN_TIMESTAMP_S:
+                if seconds < EPOCH_UNIX_S:
                     errors.append(ItemError(index, "timestamp", "must not be before 2000-01-01"))
                 elif seconds > latest_allowed:
                     errors.append(ItemError(

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 import asyncpg
 from tqdm import tqdm
 
-from vitalstore.queries import ONE_MICROSECOND
+from vitalstore.database import ONE_MICROSECOND
 from vitalstore.retention import horizon
 from vitalstore.rollups import LEVELS, floor_to
 from vitalstore.settings import Settings

@@ -26,14 +26,13 @@ from typing import Any
 
 import asyncpg
 
+from vitalstore.database import EARLIEST, LATEST
+from vitalstore.problems import TooManyBuckets
+
 MAX_ITEMS = 10_000
 ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)  # time_bucket's default origin for timestamptz
 MIN_BUCKET = timedelta(minutes=1)
 MAX_BUCKET = timedelta(days=31)
-# Data is never older than 2000-01-01 (ingest refuses it), nor newer than this bound:
-# clamping query times to them changes no answer and keeps the arithmetic in range.
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 
 _BUCKET = re.compile(r"([1-9][0-9]{0,5})([mhd])")
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
@@ -103,14 +102,6 @@ def whole_buckets(start: datetime, end: datetime, width: timedelta
     return (first, last) if first < last else None
 
 
-class TooManyItems(Exception):
-    """More than MAX_ITEMS items; `suggestion` is a coarser bucket that fits, if any."""
-
-    def __init__(self, suggestion: str | None) -> None:
-        super().__init__(suggestion)
-        self.suggestion = suggestion
-
-
 # RFC 3339 like readings.datetime_to_rfc3339, built by PostgreSQL: rows go straight into JSON.
 _START = """to_char(start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 
@@ -170,7 +161,7 @@ async def device_aggregates(pool: asyncpg.Pool, device_id: int, bucket: Bucket,
                             metric_ids: list[int] | None) -> list[asyncpg.Record]:
     """Rows (start, metric, count, sum, min, max, avg) by metric name, then start.
 
-    Raises TooManyItems beyond MAX_ITEMS.
+    Raises TooManyBuckets beyond MAX_ITEMS.
     """
     span = whole_buckets(start, end, bucket.width)
     if span is None or metric_ids == []:
@@ -180,7 +171,7 @@ async def device_aggregates(pool: asyncpg.Pool, device_id: int, bucket: Bucket,
         _device_sql(bucket, metric_ids is not None), device_id, *span, *scope[1:])
     if len(rows) > MAX_ITEMS:
         where = "device_id = $1" + (" AND metric_id = ANY($2::int4[])" if metric_ids else "")
-        raise TooManyItems(await _suggest(pool, bucket, start, end, where, scope))
+        raise TooManyBuckets(MAX_ITEMS, await _suggest(pool, bucket, start, end, where, scope))
     return rows
 
 
@@ -189,7 +180,7 @@ async def fleet_aggregates(pool: asyncpg.Pool, metric_id: int, bucket: Bucket,
                            prefix: str) -> list[asyncpg.Record]:
     """Rows (start, count, sum, min, max, avg, devices) by start, across devices.
 
-    Raises TooManyItems beyond MAX_ITEMS.
+    Raises TooManyBuckets beyond MAX_ITEMS.
     """
     span = whole_buckets(start, end, bucket.width)
     if span is None:
@@ -198,7 +189,8 @@ async def fleet_aggregates(pool: asyncpg.Pool, metric_id: int, bucket: Bucket,
         _fleet_sql(bucket, bool(prefix)), metric_id, *span, *([prefix] if prefix else []))
     if len(rows) > MAX_ITEMS:
         # Every device counts in the bound: an over-estimate, so the suggestion still fits.
-        raise TooManyItems(await _suggest(pool, bucket, start, end, "metric_id = $1", [metric_id]))
+        raise TooManyBuckets(MAX_ITEMS, await _suggest(pool, bucket, start, end, "metric_id = $1",
+                                                       [metric_id]))
     return rows
 
 

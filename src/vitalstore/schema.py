@@ -1,10 +1,12 @@
-"""Table metadata (SQLAlchemy Core): what Alembic compares against and non-hot queries use.
+"""Table metadata (SQLAlchemy Core): what Alembic's autogenerate compares against.
 
-The TimescaleDB parts (hypertables, triggers, rollup maintenance) live in the Alembic revisions.
+The TimescaleDB parts (hypertables, triggers, rollup maintenance) live in the Alembic revisions;
+`tests/test_schema.py` checks these tables against the migrated database.
 Layout, one row per metric value ("narrow"): a reading of 4 metrics is 4 rows of `readings`.
-It inserts at about a third of the speed of a row per reading (see GROUND.md) but keeps
-"first write wins per (device, metric, timestamp)" a plain `ON CONFLICT DO NOTHING`, and the
-trigger's transition table then holds exactly the values that were really stored.
+It inserts at about a third of the speed of a row per reading (measured: 260k against 885k
+values/s) but keeps "first write wins per (device, metric, timestamp)" a plain `ON CONFLICT DO
+NOTHING`, and the trigger's transition table then holds exactly the values that were really
+stored.
 """
 
 from sqlalchemy import (
@@ -26,6 +28,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+
+from vitalstore.rollups import LEVELS
 
 metadata = MetaData()
 
@@ -99,11 +103,8 @@ def _rollup(name: str) -> Table:
     )
 
 
-# Per device and metric: count, sum, min, max per UTC minute, hour and day. Hypertables.
-rollup_1m = _rollup("rollup_1m")
-rollup_1h = _rollup("rollup_1h")
-rollup_1d = _rollup("rollup_1d")
-ROLLUPS = {"1m": rollup_1m, "1h": rollup_1h, "1d": rollup_1d}
+# Per device and metric: count, sum, min, max per bucket of each level's width. Hypertables.
+rollups = [_rollup(level.table) for level in LEVELS]
 
 
 # API keys (revision 0003). Only the SHA-256 of a key is stored; `device_prefix` NULL means

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import asyncpg
 
 from vitalstore.auth import KeyStore
-from vitalstore.ingest import Batcher
-from vitalstore.metrics import Metrics
+from vitalstore.batcher import Batcher
 from vitalstore.readings import Validator
 from vitalstore.settings import Settings
+from vitalstore.telemetry import Telemetry
 from vitalstore.writer import NameIds
 
 
@@ -24,4 +24,4 @@ class Services:
     metric_ids: NameIds
     schema_head: str | None
     keys: KeyStore
-    metrics: Metrics
+    telemetry: Telemetry

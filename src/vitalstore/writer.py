@@ -10,26 +10,6 @@ import asyncpg
 
 from vitalstore.readings import Reading
 
-# Errors that mean the connection (or the server) is gone, not that the data is wrong.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,  # pg_terminate_backend, shutdown
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
-)
-# Errors worth retrying the same batch for (they should not happen: every phase locks in order).
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
-)
-# The data itself was refused (class 22 data exception, class 23 integrity violation).
-DATA_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DataError,
-    asyncpg.exceptions.IntegrityConstraintViolationError,
-)
-
 WRITE_BATCH = (
     "SELECT write_batch($1::int4[], $2::int4[], $3::timestamptz[], $4::float8[],"
     " $5::int4[], $6::timestamptz[], $7::jsonb[])"
@@ -103,7 +83,7 @@ class NameIds:
     """Ids of device or metric names, created on first sight and cached in the process.
 
     New names arrive concurrently in several processes: insert with ON CONFLICT DO NOTHING,
-    then read the ones another writer created (GROUND.md's pitfall).
+    then read the ones another writer created (an insert alone returns only its own).
     """
 
     def __init__(self, table: str) -> None:
@@ -117,9 +97,6 @@ class NameIds:
         )
         self._select = f"SELECT id, name FROM {table} WHERE name = ANY($1::text[])"
         self._select_ids = f"SELECT id, name FROM {table} WHERE id = ANY($1::int4[])"
-
-    def cached(self, name: str) -> int | None:
-        return self._ids.get(name)
 
     def _remember(self, records: Iterable[asyncpg.Record]) -> None:
         for record in records:

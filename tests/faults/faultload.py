@@ -24,9 +24,10 @@ import asyncpg
 import msgspec
 import psutil
 
+from vitalstore.rollups import LEVELS
+
 DEVICES = 64
 METRICS = ("hr", "spo2")
-ROLLUPS = {"rollup_1m": "1 minute", "rollup_1h": "1 hour", "rollup_1d": "1 day"}
 
 
 class HttpClient:
@@ -108,11 +109,6 @@ class HttpClient:
     def _drop(self, writer: asyncio.StreamWriter) -> None:
         self._open.discard(writer)
         writer.close()
-
-
-def headers_of(server: Any) -> dict[str, str]:
-    """The server's auth headers where the service has them (no auth: none)."""
-    return dict(getattr(server, "headers", None) or {})
 
 
 @dataclass(slots=True)
@@ -286,8 +282,10 @@ async def check_rollups(db: asyncpg.Connection) -> int:
     Returns the number of rollup rows compared.
     """
     compared = 0
-    for table, width in ROLLUPS.items():
-        raw = f"""SELECT device_id, metric_id, time_bucket(INTERVAL '{width}', ts) AS bucket,
+    for level in LEVELS:
+        table, seconds = level.table, int(level.width.total_seconds())
+        raw = f"""SELECT device_id, metric_id,
+                         time_bucket(INTERVAL '{seconds} seconds', ts) AS bucket,
                          count(*) AS count, sum(value) AS sum, min(value) AS min,
                          max(value) AS max
                   FROM readings GROUP BY 1, 2, 3"""

@@ -11,7 +11,6 @@ from faultload import (
     Load,
     check_acknowledged,
     check_rollups,
-    headers_of,
     metric,
     percentile,
     report,
@@ -41,7 +40,7 @@ async def terminate_backends(db: asyncpg.Connection, stop_after: float) -> tuple
 async def test_killed_connections_give_202_or_503_and_the_service_recovers(server_factory, db):
     server = server_factory(VITALSTORE_WORKERS="2",
                             VITALSTORE_FLUSH_TIMEOUT_S=str(FLUSH_TIMEOUT_S))
-    load = Load(server.url, headers_of(server), per_request=10)
+    load = Load(server.url, server.headers, per_request=10)
     stop = asyncio.Event()
     running = asyncio.create_task(load.closed_loop(stop, clients=16))
     await asyncio.sleep(0.5)
@@ -64,12 +63,12 @@ async def test_killed_connections_give_202_or_503_and_the_service_recovers(serve
     slowest = max(a.latency for a in load.answers)
     assert slowest < FLUSH_TIMEOUT_S + 5
     assert all(a.retry_after for a in load.answers if a.status == 503)
-    async with httpx.AsyncClient(base_url=server.url, headers=headers_of(server)) as client:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
         assert (await client.get("/ready")).status_code == 200
-    assert await metric(server.url, headers_of(server), "vitalstore_unavailable_total",
+    assert await metric(server.url, server.headers, "vitalstore_unavailable_total",
                         cause="database_unavailable") == statuses[503]
     # Each failed flush is logged once, however many requests it held.
-    assert await metric(server.url, headers_of(server), "vitalstore_flushes_total",
+    assert await metric(server.url, server.headers, "vitalstore_flushes_total",
                         outcome="failed") == server.log.read_text().count("readings failed:")
 
     acknowledged, stored = await check_acknowledged(db, load)

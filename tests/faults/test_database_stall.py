@@ -10,7 +10,6 @@ from faultload import (
     RssSampler,
     check_acknowledged,
     check_rollups,
-    headers_of,
     metric,
     percentile,
     report,
@@ -26,7 +25,7 @@ async def test_stalled_database_fills_the_buffer_then_503s_fast_then_recovers(
         server_factory, db):
     server = server_factory(VITALSTORE_BUFFER_MAX_READINGS=str(BUFFER),
                             VITALSTORE_MAX_ITEMS=str(PER_REQUEST * 2))
-    load = Load(server.url, headers_of(server), per_request=PER_REQUEST)
+    load = Load(server.url, server.headers, per_request=PER_REQUEST)
     stop = asyncio.Event()
     with RssSampler(server.process.pid) as rss:
         running = asyncio.create_task(load.open_loop(stop, RATE))
@@ -57,7 +56,7 @@ async def test_stalled_database_fills_the_buffer_then_503s_fast_then_recovers(
     # Once the lock is gone, the 503s stop.
     after = [a for a in load.answers if a.sent > released + 0.5]
     assert after and all(a.status == 202 for a in after), load.statuses(after)
-    assert await metric(server.url, headers_of(server), "vitalstore_unavailable_total",
+    assert await metric(server.url, server.headers, "vitalstore_unavailable_total",
                         cause="buffer_full") == statuses[503]
     growth = stall_rss - baseline_rss
     assert growth < 50 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"

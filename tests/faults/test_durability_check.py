@@ -13,7 +13,8 @@ import sys
 import pytest
 from litestar.testing import AsyncTestClient
 
-from vitalstore.app import NotDurable, create_app
+from vitalstore.app import create_app
+from vitalstore.database import NotDurable
 from vitalstore.settings import Settings
 
 

@@ -7,7 +7,7 @@ import random
 import signal
 import time
 
-from faultload import Load, check_acknowledged, check_rollups, headers_of, report
+from faultload import Load, check_acknowledged, check_rollups, report
 
 ROUNDS = 3
 
@@ -19,7 +19,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_reading(server_factory, d
     for _ in range(ROUNDS):
         server = server_factory(VITALSTORE_WORKERS="2")
         if load is None:
-            load = Load(server.url, headers_of(server), per_request=20)
+            load = Load(server.url, server.headers, per_request=20)
         load.url = server.url
         stop = asyncio.Event()
         before = len(load.acknowledged())

@@ -11,7 +11,6 @@ from faultload import (
     RssSampler,
     check_acknowledged,
     check_rollups,
-    headers_of,
     percentile,
     report,
     rss_bytes,
@@ -39,7 +38,7 @@ async def closed_loop_rate(load: Load, seconds: float, clients: int = 8) -> tupl
 
 async def test_overload_gives_only_202_or_fast_503_and_throughput_returns(server_factory, db):
     server = server_factory(VITALSTORE_BUFFER_MAX_READINGS=str(BUFFER))
-    load = Load(server.url, headers_of(server), per_request=PER_REQUEST)
+    load = Load(server.url, server.headers, per_request=PER_REQUEST)
     capacity, _ = await closed_loop_rate(load, 2.0)
     rate = TIMES_CAPACITY * capacity / PER_REQUEST  # requests a second
     overload_from = len(load.answers)
@@ -63,7 +62,7 @@ async def test_overload_gives_only_202_or_fast_503_and_throughput_returns(server
     assert growth < 200 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB"
 
     # Load gone, the service is ready and stores at its usual rate again.
-    async with httpx.AsyncClient(base_url=server.url, headers=headers_of(server)) as client:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
         for _ in range(50):
             if (await client.get("/ready")).status_code == 200:
                 break

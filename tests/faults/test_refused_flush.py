@@ -12,7 +12,7 @@ import json
 import re
 
 import httpx
-from faultload import Load, check_acknowledged, check_rollups, headers_of, report, stored
+from faultload import Load, check_acknowledged, check_rollups, report, stored
 
 ROUNDS = 3
 REQUESTS = 20
@@ -24,7 +24,7 @@ async def test_one_refused_request_does_not_take_its_batch_mates_down(server_fac
                      f"CHECK (value <> {BAD})")
     # A long flush interval gathers the concurrent requests into one flush.
     server = server_factory(VITALSTORE_FLUSH_INTERVAL_MS="50", VITALSTORE_WRITER_CONNECTIONS="1")
-    load = Load(server.url, headers_of(server), per_request=5)
+    load = Load(server.url, server.headers, per_request=5)
 
     def poison(readings: list[dict]) -> None:
         readings[2]["hr"] = BAD
@@ -57,7 +57,7 @@ async def test_one_refused_request_does_not_take_its_batch_mates_down(server_fac
     retried = [int(re.search(r"retrying its (\d+) requests", e["message"]).group(1))
                for e in log_lines if "retrying its" in e["message"]]
     assert retried and all(size > 1 for size in retried), retried
-    async with httpx.AsyncClient(base_url=server.url, headers=headers_of(server)) as client:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
         metrics = (await client.get("/metrics")).text
     rejected_flushes = float(re.search(
         r'^vitalstore_flushes_total\{outcome="rejected"\} (\S+)$', metrics, re.M).group(1))

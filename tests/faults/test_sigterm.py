@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from faultload import Load, check_acknowledged, check_rollups, headers_of, report, stored
+from faultload import Load, check_acknowledged, check_rollups, report, stored
 
 SHUTDOWN_TIMEOUT_S = 5
 # `vitalstore serve` gives granian this long to stop its workers before it kills them.
@@ -26,7 +26,7 @@ async def exit_seconds(server, signalled: float) -> float:
 async def test_sigterm_under_load_answers_everything_buffered_then_exits(server_factory, db, to):
     server = server_factory(VITALSTORE_WORKERS="2",
                             VITALSTORE_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S))
-    load = Load(server.url, headers_of(server), per_request=20, timeout=KILL_TIMEOUT_S + 10)
+    load = Load(server.url, server.headers, per_request=20, timeout=KILL_TIMEOUT_S + 10)
     stop = asyncio.Event()
     running = asyncio.create_task(load.closed_loop(stop, clients=16))
     await asyncio.sleep(1.5)
@@ -66,7 +66,7 @@ async def test_sigterm_under_load_answers_everything_buffered_then_exits(server_
 async def test_sigterm_while_the_database_stalls_flushes_the_buffer_once_it_moves(
         server_factory, db):
     server = server_factory(VITALSTORE_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S))
-    load = Load(server.url, headers_of(server), per_request=20, timeout=KILL_TIMEOUT_S + 10)
+    load = Load(server.url, server.headers, per_request=20, timeout=KILL_TIMEOUT_S + 10)
     stop = asyncio.Event()
     running = asyncio.create_task(load.closed_loop(stop, clients=16))
     await asyncio.sleep(1.0)
@@ -98,7 +98,7 @@ async def test_sigterm_while_the_database_stays_stalled_answers_503_and_exits_in
     flush_timeout_s = 2
     server = server_factory(VITALSTORE_SHUTDOWN_TIMEOUT_S="3",
                             VITALSTORE_FLUSH_TIMEOUT_S=str(flush_timeout_s))
-    load = Load(server.url, headers_of(server), per_request=20, timeout=30)
+    load = Load(server.url, server.headers, per_request=20, timeout=30)
     stop = asyncio.Event()
     running = asyncio.create_task(load.closed_loop(stop, clients=16))
     await asyncio.sleep(1.0)

@@ -11,20 +11,14 @@ from litestar.datastructures import State
 from litestar.params import FromPath, QueryParameter
 
 from vitalstore import queries, rollups
-from vitalstore.api.common import (
-    BadQuery,
-    bad_query,
-    error,
-    query_names,
-    query_time,
-    services_of,
-)
+from vitalstore.api.common import OptionalQuery, error, query_names, query_time, services_of
 from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
+from vitalstore.database import EARLIEST, LATEST
 from vitalstore.keys import ApiKey
-from vitalstore.rollups import MAX_ITEMS, Bucket, TooManyItems
+from vitalstore.problems import BadQuery
+from vitalstore.rollups import Bucket
 
-OptionalQuery = Annotated[str | None, QueryParameter(required=False)]
 FromQuery = Annotated[str | None, QueryParameter(name="from", required=False)]
 DEFAULT_BUCKET = "1h"
 
@@ -67,15 +61,7 @@ def _range(bucket: str | None, from_: str | None, to: str | None
         spec = rollups.parse_bucket(DEFAULT_BUCKET if bucket is None else bucket)
     except ValueError as exc:
         raise BadQuery("bucket", str(exc)) from None
-    return (spec, query_time("from", from_, rollups.EARLIEST),
-            query_time("to", to, rollups.LATEST))
-
-
-def _too_many(exc: TooManyItems) -> Response[Any]:
-    advice = (f"use a coarser bucket such as {exc.suggestion}, or a shorter range"
-              if exc.suggestion else "use a shorter range")
-    return error(422, f"more than {MAX_ITEMS} items; {advice}", parameter="bucket",
-                 suggested_bucket=exc.suggestion)
+    return spec, query_time("from", from_, EARLIEST), query_time("to", to, LATEST)
 
 
 @get("/v1/devices/{device:str}/aggregates",
@@ -93,10 +79,7 @@ async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
     buckets, so an item never counts data outside [from, to).
     """
     services = services_of(state)
-    try:
-        spec, start, end = _range(bucket, from_, to)
-    except BadQuery as exc:
-        return bad_query(exc)
+    spec, start, end = _range(bucket, from_, to)
     # Outside the key's prefix: the same 404 as an unknown device, no hint that it exists.
     found = (await queries.find_device(services.pool, device)
              if request.auth.covers(device) else None)
@@ -107,11 +90,7 @@ async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
         names = query_names(metrics)
         metric_ids = sorted((await services.metric_ids.ids(
             services.pool, names, create=False)).values())
-    try:
-        rows = await rollups.device_aggregates(services.pool, found.id, spec, start, end,
-                                               metric_ids)
-    except TooManyItems as exc:
-        return _too_many(exc)
+    rows = await rollups.device_aggregates(services.pool, found.id, spec, start, end, metric_ids)
     return Response(DeviceAggregates(device, spec.text, [DeviceAggregate(*row) for row in rows]))
 
 
@@ -129,22 +108,16 @@ async def fleet_aggregates(request: Request[Any, ApiKey, Any], state: State,
     device's aggregates.
     """
     services = services_of(state)
-    try:
-        if not metric:
-            raise BadQuery("metric", "required")
-        spec, start, end = _range(bucket, from_, to)
-    except BadQuery as exc:
-        return bad_query(exc)
+    if not metric:
+        raise BadQuery("metric", "required")
+    spec, start, end = _range(bucket, from_, to)
     known = await services.metric_ids.ids(services.pool, [metric], create=False)
     # Only the key's devices count: the narrower of its prefix and the one asked for.
     visible = effective_prefix(request.auth, prefix)
     rows = []
     if metric in known and visible is not None:
-        try:
-            rows = await rollups.fleet_aggregates(services.pool, known[metric], spec, start, end,
-                                                  visible)
-        except TooManyItems as exc:
-            return _too_many(exc)
+        rows = await rollups.fleet_aggregates(services.pool, known[metric], spec, start, end,
+                                              visible)
     return Response(FleetAggregates(metric, spec.text, [FleetAggregate(*row) for row in rows]))
 
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import ValidationException
+from litestar.params import QueryParameter
 
+from vitalstore.problems import RETRY_AFTER, BadQuery, Problem
 from vitalstore.readings import parse_time
 from vitalstore.services import Services
 
 log = logging.getLogger(__name__)
+
+OptionalQuery = Annotated[str | None, QueryParameter(required=False)]
 
 
 def services_of(state: State) -> Services:
@@ -26,14 +30,6 @@ def error(status: int, message: str, *, headers: Mapping[str, str] | None = None
           **extra: Any) -> Response[Any]:
     """An error answer: `{"error": message, ...}`."""
     return Response({"error": message, **extra}, status_code=status, headers=headers)
-
-
-class BadQuery(ValueError):
-    """A query parameter that cannot be used: 422 naming the parameter."""
-
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"{parameter}: {message}")
-        self.parameter = parameter
 
 
 def query_time(name: str, value: str | None, default: datetime) -> datetime:
@@ -62,14 +58,20 @@ def query_names(value: str) -> list[str]:
     return [name for name in value.split(",") if name]
 
 
-def bad_query(exc: BadQuery) -> Response[Any]:
-    return error(422, str(exc), parameter=exc.parameter)
+def answer(problem: Problem) -> Response[Any]:
+    """The one mapping from a problem to its answer: its status, body and headers."""
+    return Response(problem.content(), status_code=problem.status, headers=problem.headers)
+
+
+def problem_handler(request: Request[Any, Any, Any], exc: Problem) -> Response[Any]:
+    """Exception handler: a problem a handler raised (rather than returned) is answered too."""
+    return answer(exc)
 
 
 def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Exception handler: a read that lost its database answers 503, not 500."""
     log.warning("database error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
-    return error(503, "database unavailable", headers={"Retry-After": "1"})
+    return error(503, "database unavailable", headers=RETRY_AFTER)
 
 
 def database_refused(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -16,8 +16,7 @@ from litestar.response import Stream
 
 from vitalstore import queries
 from vitalstore.api.common import (
-    BadQuery,
-    bad_query,
+    OptionalQuery,
     error,
     query_int,
     query_names,
@@ -26,16 +25,15 @@ from vitalstore.api.common import (
 )
 from vitalstore.api.responses import CompatError, RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
+from vitalstore.database import EARLIEST, LATEST, ONE_MICROSECOND
 from vitalstore.keys import ApiKey
+from vitalstore.problems import BadQuery
 from vitalstore.queries import BadCursor, decode_cursor, encode_cursor
 from vitalstore.readings import datetime_to_rfc3339
 from vitalstore.services import Services
 
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 EXPORT_PAGE = 1000
 
-OptionalQuery = Annotated[str | None, QueryParameter(required=False)]
 KeyedRequest = Request[Any, ApiKey, Any]
 DeviceId = FromPath[str]
 
@@ -100,9 +98,31 @@ async def _device_page(services: Services, prefix: str, size: int, after: str | 
     return found[:size], next_cursor
 
 
-def _device_item(device: queries.Device) -> dict[str, str]:
-    return {"device": device.name, "first_seen": datetime_to_rfc3339(device.first_seen),
-            "last_seen": datetime_to_rfc3339(device.last_seen)}
+def _device_item(device: queries.Device) -> DeviceItem:
+    return DeviceItem(device.name, datetime_to_rfc3339(device.first_seen),
+                      datetime_to_rfc3339(device.last_seen))
+
+
+def _latest_object(latest: queries.Latest) -> LatestObject:
+    return LatestObject(latest.device, datetime_to_rfc3339(latest.last_seen), {
+        metric: MetricValue(value, datetime_to_rfc3339(ts))
+        for metric, value, ts in latest.values})
+
+
+def _history_item(reading: queries.StoredReading) -> HistoryItem:
+    return HistoryItem(datetime_to_rfc3339(reading.ts), reading.metrics, reading.attributes)
+
+
+def _compat_resource(device: queries.CompatDevice) -> dict[str, Any]:
+    """The old API's resource: `deviceId`, `lastUpdated` (Unix seconds), then the metrics."""
+    seconds = device.last_seen.timestamp()
+    resource: dict[str, Any] = {
+        "deviceId": device.device,
+        "lastUpdated": int(seconds) if seconds.is_integer() else seconds,
+    }
+    for metric, value in device.values.items():
+        resource.setdefault(metric, value)
+    return resource
 
 
 @get("/v1/devices", summary="Devices by id, with first and last reading times",
@@ -112,17 +132,13 @@ async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuer
                        limit: OptionalQuery = None, cursor: OptionalQuery = None
                        ) -> Response[DevicePage]:
     services = services_of(state)
-    try:
-        size = query_int("limit", limit, 100, 1, 1000)
-        after = _cursor(cursor)
-    except BadQuery as exc:
-        return bad_query(exc)
+    size = query_int("limit", limit, 100, 1, 1000)
+    after = _cursor(cursor)
     visible = effective_prefix(request.auth, prefix)
     if visible is None:
-        return Response({"items": [], "next_cursor": None})  # type: ignore[arg-type]
+        return Response(DevicePage([], None))
     found, next_cursor = await _device_page(services, visible, size, after)
-    return Response({"items": [_device_item(d) for d in found],
-                     "next_cursor": next_cursor})  # type: ignore[arg-type]
+    return Response(DevicePage([_device_item(d) for d in found], next_cursor))
 
 
 @get("/v1/devices/{device:str}/latest", summary="Latest value of each metric of a device",
@@ -135,7 +151,7 @@ async def device_latest(request: KeyedRequest, state: State, device: DeviceId
     found = await queries.latest(pool, [device]) if request.auth.covers(device) else []
     if not found:
         return error(404, f"unknown device {device!r}")
-    return Response(found[0])  # type: ignore[arg-type]
+    return Response(_latest_object(found[0]))
 
 
 @get("/v1/latest", summary="Latest values of several devices (by id, or all by page)",
@@ -151,15 +167,12 @@ async def bulk_latest(request: KeyedRequest, state: State,
         if len(device) > 1000:
             return error(422, "at most 1000 device ids", parameter="device")
         items = await queries.latest(services.pool, sorted({d for d in device if key.covers(d)}))
-        return Response({"items": items, "next_cursor": None})  # type: ignore[arg-type]
-    try:
-        size = query_int("limit", limit, 100, 1, 1000)
-        after = _cursor(cursor)
-    except BadQuery as exc:
-        return bad_query(exc)
+        return Response(LatestPage([_latest_object(i) for i in items], None))
+    size = query_int("limit", limit, 100, 1, 1000)
+    after = _cursor(cursor)
     page, next_cursor = await _device_page(services, key.prefix, size, after)
     items = await queries.latest(services.pool, [d.name for d in page])
-    return Response({"items": items, "next_cursor": next_cursor})  # type: ignore[arg-type]
+    return Response(LatestPage([_latest_object(i) for i in items], next_cursor))
 
 
 class _HistoryQuery(msgspec.Struct):
@@ -186,13 +199,13 @@ async def _history_query(services: Services, device_id: int, from_: str | None,
 
 
 async def _page(services: Services, q: _HistoryQuery, limit: int,
-                after: datetime | None) -> tuple[list[queries.HistoryItem], bool]:
+                after: datetime | None) -> tuple[list[queries.StoredReading], bool]:
     start, end = q.start, q.end
     if after is not None:
         if q.descending:
             end = min(end, after)
         else:
-            start = max(start, after + queries.ONE_MICROSECOND)
+            start = max(start, after + ONE_MICROSECOND)
     if q.metric_ids is not None and not q.metric_ids:
         return [], False
     all_names = await services.metric_ids.names(
@@ -217,15 +230,13 @@ async def device_readings(
              if request.auth.covers(device) else None)
     if found is None:
         return error(404, f"unknown device {device!r}")
+    q = await _history_query(services, found.id, from_, to, metrics, order)
+    size = query_int("limit", limit, 1000, 1, 10_000)
+    after_text = _cursor(cursor)
     try:
-        q = await _history_query(services, found.id, from_, to, metrics, order)
-        size = query_int("limit", limit, 1000, 1, 10_000)
-        after_text = _cursor(cursor)
         after = datetime.fromisoformat(after_text) if after_text else None
-    except BadQuery as exc:
-        return bad_query(exc)
     except ValueError:
-        return error(422, "cursor: invalid cursor", parameter="cursor")
+        raise BadQuery("cursor", "invalid cursor") from None
     accept = request.headers.get("accept", "")
     if "application/x-ndjson" in accept:
         return Stream(_export_ndjson(services, q), media_type="application/x-ndjson")
@@ -233,12 +244,11 @@ async def device_readings(
         return Stream(_export_csv(services, q), media_type="text/csv")
     items, more = await _page(services, q, size, after)
     next_cursor = encode_cursor(items[-1].ts.isoformat()) if more else None
-    return Response({"items": [i.to_json() for i in items],  # type: ignore[arg-type]
-                     "next_cursor": next_cursor})
+    return Response(HistoryPage([_history_item(i) for i in items], next_cursor))
 
 
 async def _all_items(services: Services, q: _HistoryQuery
-                     ) -> AsyncIterator[queries.HistoryItem]:
+                     ) -> AsyncIterator[queries.StoredReading]:
     """Every reading of the range, a page at a time: constant memory for any range."""
     after = None
     while True:
@@ -253,7 +263,7 @@ async def _all_items(services: Services, q: _HistoryQuery
 async def _export_ndjson(services: Services, q: _HistoryQuery) -> AsyncIterator[bytes]:
     encoder = msgspec.json.Encoder()
     async for item in _all_items(services, q):
-        yield encoder.encode(item.to_json()) + b"\n"
+        yield encoder.encode(_history_item(item)) + b"\n"
 
 
 async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str]:
@@ -290,14 +300,14 @@ async def get_vital_data(
     try:
         size = query_int("count", count, 20, 1, 100)
         skip = query_int("offset", offset, 0, 0, 10_000_000)
-    except BadQuery as exc:
+    except BadQuery as exc:  # the old API's error shape, not the problem's
         return _compat_error(str(exc))
     if order_by not in (None, "", "asc", "desc"):
         return _compat_error("orderBy: must be asc or desc")
     total, resources = await queries.compat_page(
         services_of(state).pool, sort_by=sort_by or "timestamp",
         descending=order_by != "asc", count=size, offset=skip, prefix=request.auth.prefix)
-    return Response(CompatPage(total, resources))
+    return Response(CompatPage(total, [_compat_resource(d) for d in resources]))
 
 
 def _compat_error(message: str) -> Response[Any]:

@@ -12,7 +12,7 @@ from litestar.datastructures import State
 from litestar.exceptions import ClientException, InternalServerException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from vitalstore.api.common import error, services_of
+from vitalstore.api.common import answer, services_of
 from vitalstore.api.responses import (
     JSON,
     NDJSON,
@@ -22,19 +22,11 @@ from vitalstore.api.responses import (
     errors,
 )
 from vitalstore.auth import forbid_outside_prefix, requires
-from vitalstore.ingest import Overloaded, Rejected, Unavailable
+from vitalstore.database import CONNECTION_ERRORS
 from vitalstore.keys import ApiKey
-from vitalstore.readings import InvalidItems, ItemError, MalformedBody, TooManyItems
+from vitalstore.problems import BodyProblem, InvalidItems, Problem, RetryLater, Unavailable
 from vitalstore.services import Services
-from vitalstore.writer import CONNECTION_ERRORS, to_rows
-
-RETRY_AFTER = {"Retry-After": "1"}
-
-
-class BodyProblem(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+from vitalstore.writer import to_rows
 
 
 class Accepted(msgspec.Struct):
@@ -101,9 +93,10 @@ def _media_type(request: Request[Any, Any, Any]) -> str:
 async def ingest(request: Request[Any, ApiKey, Any], services: Services) -> int:
     """Validate, check the key's prefix, resolve ids, and wait for the commit.
 
-    Returns how many readings were stored. Raises BodyProblem, MalformedBody, TooManyItems,
-    InvalidItems, PermissionDeniedException (a device outside the key's prefix), Overloaded,
-    Unavailable or Rejected; nothing of the request is stored unless it returns.
+    Returns how many readings were stored. Raises a Problem (BodyProblem, MalformedBody,
+    TooManyReadings, InvalidItems, Overloaded, Unavailable, Rejected) or
+    PermissionDeniedException (a device outside the key's prefix); nothing of the request is
+    stored unless it returns.
     """
     settings = services.settings
     media_type = _media_type(request)
@@ -130,17 +123,14 @@ async def ingest(request: Request[Any, ApiKey, Any], services: Services) -> int:
     finally:
         batcher.leave()
     await batcher.submit(rows)
-    services.metrics.accepted(len(readings))
+    services.telemetry.accepted(len(readings))
     return len(readings)
 
 
-def _unavailable(services: Services, exc: Overloaded | Unavailable) -> Response[Any]:
-    services.metrics.unavailable.labels(exc.cause).inc()
-    return error(503, str(exc), headers=RETRY_AFTER)
-
-
-def _item_errors(errors: list[ItemError]) -> list[dict[str, Any]]:
-    return [msgspec.structs.asdict(e) for e in errors]
+def _answer(services: Services, problem: Problem) -> Response[Any]:
+    if isinstance(problem, RetryLater):
+        services.telemetry.unavailable.labels(problem.cause).inc()
+    return answer(problem)
 
 
 @post("/v1/readings", status_code=202, summary="Store readings; answers after they commit",
@@ -150,20 +140,11 @@ def _item_errors(errors: list[ItemError]) -> list[dict[str, Any]]:
 async def post_readings(request: Request[Any, ApiKey, Any], state: State) -> Response[Accepted]:
     """One reading object or an array of them (JSON), or one per line (NDJSON); gzip allowed."""
     services = services_of(state)
+    # Caught here rather than by the app's exception handler: an overload 503 stays cheap.
     try:
         accepted = await ingest(request, services)
-    except BodyProblem as exc:
-        return error(exc.status, str(exc))
-    except MalformedBody as exc:
-        return error(400, str(exc))
-    except TooManyItems as exc:
-        return error(413, str(exc))
-    except InvalidItems as exc:
-        return _invalid(_item_errors(exc.errors))
-    except Rejected as exc:
-        return _invalid([{"index": -1, "field": "", "message": str(exc)}])
-    except (Overloaded, Unavailable) as exc:
-        return _unavailable(services, exc)
+    except Problem as exc:
+        return _answer(services, exc)
     return Response(Accepted(accepted), status_code=202)
 
 
@@ -177,23 +158,16 @@ async def post_vital_data(request: Request[Any, ApiKey, Any],
     services = services_of(state)
     try:
         await ingest(request, services)
-    except BodyProblem as exc:
-        if exc.status in (413, 415, 408):
-            return error(exc.status, str(exc))
+    except Problem as exc:
+        # The old API's clients know one refusal, 400 "Invalid payload", besides the
+        # transport's own answers (body too large, too slow, wrong encoding; 503).
+        if isinstance(exc, InvalidItems):
+            return _compat_invalid(exc.content()["errors"])
+        if isinstance(exc, RetryLater) or (isinstance(exc, BodyProblem)
+                                           and exc.status in (408, 413, 415)):
+            return _answer(services, exc)
         return _compat_invalid([str(exc)])
-    except (MalformedBody, TooManyItems) as exc:
-        return _compat_invalid([str(exc)])
-    except InvalidItems as exc:
-        return _compat_invalid(_item_errors(exc.errors))
-    except Rejected as exc:
-        return _compat_invalid([str(exc)])
-    except (Overloaded, Unavailable) as exc:
-        return _unavailable(services, exc)
     return Response(CompatAccepted("accepted"), status_code=202)
-
-
-def _invalid(item_errors: list[dict[str, Any]]) -> Response[Any]:
-    return Response({"errors": item_errors}, status_code=422)
 
 
 def _compat_invalid(issues: list[Any]) -> Response[Any]:

@@ -19,7 +19,7 @@ from vitalstore import keys
 from vitalstore.api.common import error, services_of
 from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import requires
-from vitalstore.keys import ApiKey, InvalidKeySpec, KeyInfo
+from vitalstore.keys import ApiKey, KeyInfo
 
 AdminRequest = Request[Any, ApiKey, Any]
 
@@ -51,10 +51,8 @@ async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
     if not (data.prefix or "").startswith(admin.prefix):
         return error(403, f"this key manages only keys within prefix {admin.prefix!r}")
     services = services_of(state)
-    try:
-        key, info = await keys.create(services.pool, data.name, data.scopes, data.prefix)
-    except InvalidKeySpec as exc:
-        return error(422, str(exc))
+    # An InvalidKeySpec (a Problem) answers 422 through the app's handler.
+    key, info = await keys.create(services.pool, data.name, data.scopes, data.prefix)
     return Response(CreatedKey(info.name, info.scopes, info.prefix, info.created_at, key),
                     status_code=201)
 

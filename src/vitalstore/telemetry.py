@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, accepted readings, flushes, buffer depth, 503s, database pool.
+"""Telemetry (Prometheus): requests, accepted readings, flushes, buffer depth, 503s, database pool.
 
 With several granian workers, each is its own process with its own counters, and a scrape
 reaches whichever worker the kernel hands the connection to. So `vitalstore serve` runs
@@ -99,12 +99,12 @@ def multiprocess_mode() -> Iterator[None]:
 
 # Requests refused by access control, by reason: missing, malformed, unknown or revoked key
 # (401); scope or prefix (403). Counted where no Metrics object is at hand (the auth
-# middleware) and moved into the process's Metrics by `publish`, like the other hot-path counts.
+# middleware) and moved into the process's Telemetry by `publish`, like the other hot-path counts.
 AUTH_FAILURES: collections.Counter[str] = collections.Counter()
 
 
-class Metrics:
-    """The service's metric objects; one per process (per app in tests)."""
+class Telemetry:
+    """The service's Prometheus metric objects; one per process (per app in tests)."""
 
     def __init__(self) -> None:
         self.multiprocess = multiprocess_dir() is not None

@@ -19,28 +19,12 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from vitalstore import writer
+from vitalstore.database import CONNECTION_ERRORS, DATA_ERRORS, TRANSIENT_ERRORS
+from vitalstore.problems import Overloaded, Rejected, Unavailable
 from vitalstore.settings import Settings
 from vitalstore.writer import Rows
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """The buffer is full: 503, retry soon."""
-
-    cause = "buffer_full"
-
-
-class Unavailable(Exception):
-    """The database cannot be reached, or the service is shutting down: 503."""
-
-    def __init__(self, message: str, cause: str = "database_unavailable") -> None:
-        super().__init__(message)
-        self.cause = cause
-
-
-class Rejected(Exception):
-    """The database refused this request's data: 422."""
 
 
 @dataclass(slots=True)
@@ -248,7 +232,7 @@ class Batcher:
         outcome = "ok"
         try:
             await self._write(conn, rows)
-        except writer.DATA_ERRORS as exc:
+        except DATA_ERRORS as exc:
             outcome = "rejected"
             await self._isolate(index, conn, batch, exc)
         except Exception as exc:
@@ -271,7 +255,7 @@ class Batcher:
             async with asyncio.timeout(timeout):
                 try:
                     await writer.write(conn, rows)
-                except writer.TRANSIENT_ERRORS:
+                except TRANSIENT_ERRORS:
                     await writer.write(conn, rows)
         except TimeoutError:
             raise TimeoutError(f"not committed within {timeout:g} s") from None
@@ -287,7 +271,7 @@ class Batcher:
         for position, pending in enumerate(batch):
             try:
                 await self._write(conn, pending.rows)
-            except writer.DATA_ERRORS as exc:
+            except DATA_ERRORS as exc:
                 self._fail([pending], Rejected(_database_message(exc)))
             except Exception as exc:
                 log.error("retry of a refused flush failed: %s: %s", type(exc).__name__, exc)
@@ -301,7 +285,7 @@ class Batcher:
         """After any failure but refused data a connection is suspect (asyncpg may have left
         it mid-protocol, e.g. InternalClientError after pg_terminate_backend): drop it; the
         writer opens a new one for its next flush."""
-        lost = isinstance(error, writer.CONNECTION_ERRORS) or conn.is_closed()
+        lost = isinstance(error, CONNECTION_ERRORS) or conn.is_closed()
         conn.terminate()
         if self._connections[index] is conn:
             self._connections[index] = None
