@@ -18,6 +18,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # pg_terminate_backend, shutdown
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.InterfaceError,
+    # A pooled connection that pg_terminate_backend left mid-protocol ("cannot switch to
+    # state 12; another operation is in progress"): gone as well, not a bug of the request.
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
