@@ -30,7 +30,7 @@ run: setup ## set up, then serve on 127.0.0.1:8000 (VITALSTORE_* settings apply)
 test: setup ## set up, then run the whole test suite against the real database
 	$(BIN)/pytest
 
-lint: $(STAMP) ## ruff and mypy (strict) on src
+lint: $(STAMP) ## ruff on src, tests, loadtest, alembic; mypy --strict on src
 	$(BIN)/ruff check src tests loadtest alembic
 	$(BIN)/mypy
 

@@ -176,6 +176,7 @@ def test_a_key_given_in_the_environment_is_used_as_it_is(monkeypatch):
     assert harness.api_key("postgresql://unused/x") == "given-key"
 
 
+@pytest.mark.slow
 async def test_locust_fleet_runs_headless_without_failures(server_factory, tmp_path):
     server = server_factory()
     env = {**os.environ, "LOADTEST_API_KEY": key_of(server)}

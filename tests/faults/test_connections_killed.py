@@ -7,6 +7,7 @@ import time
 
 import asyncpg
 import httpx
+import pytest
 from faultload import (
     Load,
     check_acknowledged,
@@ -15,6 +16,8 @@ from faultload import (
     percentile,
     report,
 )
+
+pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
 
 KILL_FOR_S = 3.0
 KILL_EVERY_S = 0.1

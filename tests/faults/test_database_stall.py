@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from faultload import (
     Load,
     RssSampler,
@@ -14,6 +15,8 @@ from faultload import (
     percentile,
     report,
 )
+
+pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
 
 BUFFER = 2000
 PER_REQUEST = 50

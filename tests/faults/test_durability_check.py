@@ -17,6 +17,8 @@ from vitalstore.app import create_app
 from vitalstore.database import NotDurable
 from vitalstore.settings import Settings
 
+pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
+
 
 @pytest.fixture(scope="module")
 async def not_durable_db(db_url: str) -> str:

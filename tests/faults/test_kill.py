@@ -7,7 +7,10 @@ import random
 import signal
 import time
 
+import pytest
 from faultload import Load, check_acknowledged, check_rollups, report
+
+pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
 
 ROUNDS = 3
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 from faultload import (
     Load,
     RssSampler,
@@ -15,6 +16,8 @@ from faultload import (
     report,
     rss_bytes,
 )
+
+pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
 
 PER_REQUEST = 500
 BUFFER = 20_000

@@ -12,7 +12,10 @@ import json
 import re
 
 import httpx
+import pytest
 from faultload import Load, check_acknowledged, check_rollups, report, stored
+
+pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
 
 ROUNDS = 3
 REQUESTS = 20

@@ -10,6 +10,8 @@ import time
 import pytest
 from faultload import Load, check_acknowledged, check_rollups, report, stored
 
+pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
+
 SHUTDOWN_TIMEOUT_S = 5
 # `vitalstore serve` gives granian this long to stop its workers before it kills them.
 KILL_TIMEOUT_S = SHUTDOWN_TIMEOUT_S + 5
