@@ -30,17 +30,18 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncload
 import asyncpg
+
+import asyncload
 import harness
 from harness import METRICS, RESULTS, LoadResult, ScratchDatabase, Service, log
-
+from report import bench_tables
+from vitalstore.database import EPOCH_UNIX_S
 from vitalstore.writer import Rows, init_writer_connection, write
 
 DURATION = float(os.environ.get("BENCH_DURATION", "10"))
 WARMUP = max(1.0, min(3.0, DURATION / 4))
 AGG_DAYS = int(os.environ.get("BENCH_AGG_DAYS", "30"))
-EPOCH_2000 = 946_684_800
 DEVICES_PER_THREAD = 1000
 BATCH_READINGS = 1000
 # 5,000 readings of 4 metrics: the rows of one full flush (VITALSTORE_FLUSH_MAX_READINGS).
@@ -158,7 +159,7 @@ class Bench:
                 conn, "devices", [f"{tag}-{i}" for i in range(DEVICES_PER_THREAD)])
             metrics = await harness.ensure_names(conn, "metrics", list(METRICS))
             ticks = COPY_BATCH_ROWS // (len(devices) * len(metrics))
-            base_us = (self.base - EPOCH_2000) * 1_000_000
+            base_us = (self.base - EPOCH_UNIX_S) * 1_000_000
             rows = 0
             spent = 0.0
             batches = 0
@@ -220,7 +221,7 @@ class Bench:
             metrics = await harness.ensure_names(conn, "metrics", list(METRICS))
             shapes = {"flush_32_singles": (32, 32), "flush_5000_batch": (5000, 1000)}
             tick = [0]
-            base_us = (self.base - EPOCH_2000) * 1_000_000
+            base_us = (self.base - EPOCH_UNIX_S) * 1_000_000
 
             def flush(readings: int, spread: int) -> Rows:
                 rows = Rows(readings=readings)
@@ -275,9 +276,9 @@ class Bench:
                                          **{name: low + n for name, (low, _) in
                                             METRICS.items()}}).encode())
         body = b"[" + b",".join(items) + b"]"
-        conn = asyncload.Connection(service.url, harness.auth_headers(self.key))
-        status, answer = await conn.request("POST", "/v1/readings", body,
-                                            {"Content-Type": "application/json"})
+        conn = asyncload.Client(service.url, harness.auth_headers(self.key))
+        status, _, answer = await conn.request("POST", "/v1/readings", body,
+                                               {"Content-Type": "application/json"})
         await conn.close()
         if status != 202:
             raise RuntimeError(f"seeding the read devices failed: {status} {answer[:300]!r}")
@@ -315,16 +316,11 @@ class Bench:
             await db.execute("VACUUM ANALYZE readings")
             await db.execute("VACUUM ANALYZE rollup_1m, rollup_1h, rollup_1d")
             device_id = await db.fetchval("SELECT id FROM devices WHERE name = $1", device)
-            raw_sql = """
-                SELECT metric_id, time_bucket(INTERVAL '1 hour', ts) AS start, count(*),
-                       sum(value), min(value), max(value), avg(value)
-                FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3
-                GROUP BY 1, 2 ORDER BY 1, 2"""
             raw_ms = []
             buckets = 0
             for attempt in range(4):
                 began = time.perf_counter()
-                buckets = len(await db.fetch(raw_sql, device_id, start, end))
+                buckets = len(await db.fetch(harness.RAW_HOURLY, device_id, start, end))
                 if attempt:  # the first run reads the table into the cache
                     raw_ms.append((time.perf_counter() - began) * 1000)
         finally:
@@ -336,12 +332,12 @@ class Bench:
         }
         log(f"  raw time_bucket: {figure['raw_time_bucket_ms']:,.1f} ms ({buckets} rows)")
         # A connection opened after the long load: the server may close one left idle.
-        conn = asyncload.Connection(service.url, harness.auth_headers(self.key))
+        conn = asyncload.Client(service.url, harness.auth_headers(self.key))
         try:
             query = urllib.parse.urlencode({"from": start.isoformat(), "to": end.isoformat(),
                                             "bucket": "1h"})
             path = f"/v1/devices/{device}/aggregates?{query}"
-            status, answer = await conn.request("GET", path)
+            status, _, answer = await conn.request("GET", path)
             if status != 200:
                 raise RuntimeError(f"GET {path}: {status} {answer[:300]!r}")
             items = len(json.loads(answer)["items"])
@@ -386,79 +382,6 @@ def goals(ratios: dict[str, float | None]) -> dict[str, Any]:
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
         out[name] = {"goal": f"{op} {bound:g}", "value": value, "met": met}
     return out
-
-
-def fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
-    return f"{text} {unit}".strip()
-
-
-def latency(fig: dict[str, Any]) -> str:
-    return f"p50 {fig['p50_ms']:.1f} / p99 {fig['p99_ms']:.1f} ms" if fig else "-"
-
-
-# The side-by-side layout, shared by the terminal table and loadtest/report.py:
-# (label, figure, key, unit, reference label, reference figure, key, ratio name).
-# A key of None means the latency cells of the figures.
-LAYOUT: list[tuple[str, str, str | None, str, str, str, str | None, str]] = [
-    ("single durable POST (4 metrics)", "single_post", "req_per_s", "req/s",
-     "no-op POST", "noop_post", "req_per_s", "single_vs_noop"),
-    ("  latency", "single_post", None, "", "", "noop_post", None, ""),
-    ("batch POST (1,000 x 4 metrics)", "batch_post", "rows_per_s", "rows/s",
-     "COPY ceiling, 1 conn", "copy_ceiling", "rows_per_s", "batch_vs_copy"),
-    ("GET /v1/devices/{id}/latest", "latest_get", "req_per_s", "req/s",
-     "no-op GET", "noop_get", "req_per_s", "latest_vs_noop_get"),
-    ("  latency", "latest_get", None, "", "", "noop_get", None, ""),
-    ("GET /v1/latest, 100 devices", "latest_100_get", "req_per_s", "req/s",
-     "", "", "", ""),
-    ("  latency", "latest_100_get", None, "", "", "", "", ""),
-    (f"aggregates {AGG_DAYS} d hourly", "aggregates", "endpoint_ms", "ms",
-     "time_bucket over raw", "aggregates", "raw_time_bucket_ms", "rollup_speedup"),
-    ("single durable POST", "single_post", "req_per_s", "req/s",
-     "naive FastAPI+ORM", "naive_post", "req_per_s", "vs_naive"),
-    ("  latency", "single_post", None, "", "", "naive_post", None, ""),
-    ("batch POST with rollups", "batch_post", "rows_per_s", "rows/s",
-     "without rollups", "batch_post_no_rollups", "rows_per_s", "rollup_ingest_cost"),
-    ("COPY with rollups", "copy_ceiling", "rows_per_s", "rows/s",
-     "without rollups", "copy_ceiling_no_rollups", "rows_per_s", ""),
-    ("peak RSS of the service", "peak_rss_mb", "service", "MB",
-     "naive baseline", "peak_rss_mb", "naive", ""),
-]
-
-
-def side_by_side(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """(label, value, reference label, reference value, ratio name) of every LAYOUT row."""
-    figures = report["figures"]
-
-    def cell(name: str, key: str | None, unit: str) -> str:
-        fig: dict[str, Any] = figures.get(name) or {}
-        if not name or "skipped" in fig:
-            return "-" if name else ""
-        return latency(fig) if key is None else fmt(fig.get(key), unit)
-
-    return [(label, cell(name, key, unit), ref_label, cell(ref, ref_key, unit), ratio)
-            for label, name, key, unit, ref_label, ref, ref_key, ratio in LAYOUT]
-
-
-def table(report: dict[str, Any]) -> str:
-    g = report["goals"]
-    lines = [f"{'vitalstore':<56}  {'reference':<44}  {'ratio':>7}  {'goal':<7} met"]
-    for name, value, ref_name, ref_value, ratio in side_by_side(report):
-        goal = g.get(ratio, {})
-        met = {True: "yes", False: "MISSED", None: "-"}[goal.get("met")] if ratio else ""
-        lines.append(
-            f"{name:<34}{value:>22}  {ref_name:<22}{ref_value:>22}  "
-            f"{fmt(goal.get('value')) if ratio else '':>7}  {goal.get('goal', ''):<7} {met}")
-    machine = report["machine"]
-    lines.append("")
-    lines.append(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']}"
-                 f" GB; PostgreSQL {machine['postgresql']}, TimescaleDB"
-                 f" {machine['timescaledb']}; {machine['load_generator']} on the same cores;"
-                 f" CPU idle before start {machine['cpu_idle_before_pct']}%")
-    lines.extend(f"note: {note}" for note in report["notes"])
-    return "\n".join(lines)
 
 
 async def main() -> None:
@@ -529,10 +452,7 @@ async def main() -> None:
     ratios = bench.ratios()
     report = {"machine": machine, "figures": bench.figures, "ratios": ratios,
               "goals": goals(ratios), "notes": bench.notes}
-    out = RESULTS / "bench.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
-    print(f"\nwritten: {out.relative_to(harness.ROOT)}")
+    harness.write_report("bench.json", report, bench_tables(report))
 
 
 if __name__ == "__main__":

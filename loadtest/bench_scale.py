@@ -31,10 +31,12 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncload
 import asyncpg
+
+import asyncload
 import harness
 from harness import RESULTS, ScratchDatabase, Service, log
+from report import scale_table
 
 SIZES = [int(s) for s in os.environ.get("BENCH_SCALE_SIZES", "1000000,20000000").split(",")]
 DEVICES = int(os.environ.get("BENCH_SCALE_DEVICES", "1000"))
@@ -64,14 +66,10 @@ async def raw_bucket_ms(db_url: str, devices: list[str], start: datetime,
     try:
         ids = dict(await conn.fetch("SELECT name, id FROM devices WHERE name = ANY($1)",  # type: ignore[arg-type]
                                     devices))
-        sql = """SELECT metric_id, time_bucket(INTERVAL '1 hour', ts), count(*), sum(value),
-                        min(value), max(value)
-                 FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3
-                 GROUP BY 1, 2 ORDER BY 1, 2"""
         samples = []
         for index in range(min(REQUESTS, 50) + 3):
             began = time.perf_counter()
-            await conn.fetch(sql, ids[devices[index % len(devices)]], start, end)
+            await conn.fetch(harness.RAW_HOURLY, ids[devices[index % len(devices)]], start, end)
             if index >= 3:
                 samples.append((time.perf_counter() - began) * 1000)
     finally:
@@ -81,7 +79,7 @@ async def raw_bucket_ms(db_url: str, devices: list[str], start: datetime,
 
 async def measure(service: Service, key: str, devices: list[str], end: datetime
                   ) -> dict[str, Any]:
-    conn = asyncload.Connection(service.url, harness.auth_headers(key))
+    conn = asyncload.Client(service.url, harness.auth_headers(key))
     rng = random.Random(7)
     picks = [rng.choice(devices) for _ in range(REQUESTS)]
     out: dict[str, Any] = {}
@@ -101,12 +99,12 @@ async def measure(service: Service, key: str, devices: list[str], end: datetime
         hour = urllib.parse.urlencode({"from": (end - timedelta(hours=1)).isoformat(),
                                        "to": end.isoformat()})
         await series("history_1h", lambda d: f"/v1/devices/{d}/readings?{hour}")
-        _, page = await conn.request("GET", f"/v1/devices/{picks[0]}/readings?{hour}")
+        _, _, page = await conn.request("GET", f"/v1/devices/{picks[0]}/readings?{hour}")
         out["history_1h"]["items"] = len(json.loads(page)["items"])
         month = urllib.parse.urlencode({"from": (end - MONTH).isoformat(),
                                         "to": end.isoformat(), "bucket": "1h"})
         await series("aggregate_30d", lambda d: f"/v1/devices/{d}/aggregates?{month}")
-        _, answer = await conn.request("GET", f"/v1/devices/{picks[0]}/aggregates?{month}")
+        _, _, answer = await conn.request("GET", f"/v1/devices/{picks[0]}/aggregates?{month}")
         out["aggregate_30d"]["items"] = len(json.loads(answer)["items"])
         now = int(time.time())
 
@@ -159,38 +157,6 @@ async def one_size(size: int, key_env: str | None) -> dict[str, Any]:
     return figure
 
 
-def table(report: dict[str, Any]) -> str:
-    sizes = report["sizes"]
-    names = ["latest", "history_1h", "aggregate_30d", "raw_time_bucket_30d", "post"]
-    labels = {"latest": "latest", "history_1h": "1-hour history page",
-              "aggregate_30d": "30-day hourly aggregate",
-              "raw_time_bucket_30d": "  (time_bucket over raw, SQL)",
-              "post": "single POST (durable)"}
-    head = f"{'p50 / p99 ms':<32}" + "".join(f"{int(s):>22,}" for s in sizes) + "   growth"
-    lines = [head]
-    for name in names:
-        cells = []
-        for size in sizes:
-            value = sizes[size]["latency_ms"].get(name, {})
-            if "p50_ms" not in value:
-                cells.append(f"{'skipped':>22}")
-                continue
-            items = f" [{value['items']}]" if "items" in value else ""
-            cells.append(f"{value['p50_ms']:.2f} / {value['p99_ms']:.2f}{items}".rjust(22))
-        growth = report["growth"].get(name)
-        lines.append(f"{labels[name]:<32}" + "".join(cells)
-                     + (f"   x{growth:.2f}" if growth is not None else ""))
-    lines.append(f"{'load (rows/s)':<32}" + "".join(
-        f"{sizes[s]['load_rows_per_s']:>22,}" for s in sizes))
-    lines.append(f"{'database size (MB)':<32}" + "".join(
-        f"{sizes[s]['bytes']['database'] / 2**20:>22,.0f}" for s in sizes))
-    lines.append(f"{'bytes per reading':<32}" + "".join(
-        f"{sizes[s]['bytes_per_reading']:>22,}" for s in sizes))
-    lines.append("[n] = items in the answer; growth = p50 at the largest size / smallest;"
-                 f" goal: reads within x{READ_GOAL}")
-    return "\n".join(lines)
-
-
 async def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     key = os.environ.get("VITALSTORE_API_KEY")
@@ -215,10 +181,7 @@ async def main() -> None:
     report = {"machine": machine, "sizes": figures, "growth": growth,
               "goal": {"reads_within": READ_GOAL,
                        "met": all(g <= READ_GOAL for g in reads) if reads else None}}
-    out = RESULTS / "bench-scale.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
-    print(f"\nwritten: {out.relative_to(harness.ROOT)}")
+    harness.write_report("bench-scale.json", report, scale_table(report))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 
     python loadtest/compare.py KIND [--rounds N] [--seconds S] VARIANT VARIANT ...
 
-KIND is single, batch, noop, latest or latest100 (as in bench.py). A VARIANT is a label and
-environment assignments for its service, e.g. `w1:VITALSTORE_WRITER_CONNECTIONS=1` or
-`old:PYTHONPATH=/tmp/old/src` (another copy of the code: PYTHONPATH wins over the editable
-install). `SQL=...` is not an environment variable: it gives the variant a scratch database
-of its own with that SQL applied after migrating (a schema proposal, e.g.
-`ff50:SQL=ALTER TABLE latest SET (fillfactor = 50)`). Other variants share one scratch
-database. Rounds alternate A B A B ..., so load from elsewhere on the machine hits all alike.
-Prints the median req/s (and rows/s for batch) and p99 of each variant.
+KIND is single, batch, noop, latest or latest100 (as in bench.py; profile.py takes the same).
+A VARIANT is a label and environment assignments for its service, e.g.
+`w1:VITALSTORE_WRITER_CONNECTIONS=1` or `old:PYTHONPATH=/tmp/old/src` (another copy of the
+code: PYTHONPATH wins over the editable install). `SQL=...` is not an environment variable:
+it gives the variant a scratch database of its own with that SQL applied after migrating (a
+schema proposal, e.g. `ff50:SQL=ALTER TABLE latest SET (fillfactor = 50)`). Other variants
+share one scratch database. Rounds alternate A B A B ..., so load from elsewhere on the
+machine hits all alike. Prints the median req/s (and rows/s for batch) and p99 of each variant.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import statistics
 import time
 import urllib.parse
 
-import asyncload
 import asyncpg
+
+import asyncload
 import harness
 from harness import RESULTS, ScratchDatabase, Service, log
 
@@ -41,13 +42,29 @@ async def seed(url: str, key: str) -> list[str]:
     body = json.dumps([{"device": d, "timestamp": int(time.time()) - 60 + n,
                         "heartRateValue": 70 + n, "spo2": 97, "respiratoryRate": 14,
                         "temperature": 36.8} for n in range(5) for d in devices]).encode()
-    conn = asyncload.Connection(url, harness.auth_headers(key))
-    status, answer = await conn.request("POST", "/v1/readings", body,
-                                        {"Content-Type": "application/json"})
+    conn = asyncload.Client(url, harness.auth_headers(key))
+    status, _, answer = await conn.request("POST", "/v1/readings", body,
+                                           {"Content-Type": "application/json"})
     await conn.close()
     if status != 202:
         raise RuntimeError(f"seeding failed: {status} {answer[:200]!r}")
     return devices
+
+
+def wrk_load(kind: str, key: str, devices: list[str], prefix: str, base: int
+             ) -> tuple[str, list[str], int]:
+    """(wrk script, its arguments, connections) of a load of `kind` (reads: of `devices`)."""
+    script, connections, per_request = LOADS[kind]
+    if script == "get_paths.lua":
+        paths = RESULTS / f"paths-{kind}.txt"
+        if kind == "latest":
+            paths.write_text("".join(f"/v1/devices/{d}/latest\n" for d in devices))
+        else:
+            query = urllib.parse.urlencode([("device", d) for d in devices])
+            paths.write_text(f"/v1/latest?{query}\n")
+        return script, [str(paths), key], connections
+    path = "/bench/noop" if kind == "noop" else "/v1/readings"
+    return script, [path, prefix, str(per_request), "1000", str(base), key], connections
 
 
 async def apply_sql(url: str, sql: str) -> None:
@@ -69,7 +86,7 @@ def main() -> None:
     wrk = harness.ensure_wrk()
     if wrk is None:
         raise SystemExit("compare.py needs wrk")
-    script, connections, per_request = LOADS[args.kind]
+    per_request = LOADS[args.kind][2]
     db = asyncio.run(ScratchDatabase("compare").create())
     databases = [db]
     services: dict[str, Service] = {}
@@ -89,21 +106,11 @@ def main() -> None:
             services[label] = Service(url, env=env, name=f"compare-{label}").start()
             results[label] = []
         devices = [asyncio.run(seed(service.url, key)) for service in services.values()].pop()
-        paths_file = RESULTS / "paths-compare.txt"
-        if args.kind == "latest":
-            paths_file.write_text("".join(f"/v1/devices/{d}/latest\n" for d in devices))
-        elif args.kind == "latest100":
-            query = urllib.parse.urlencode([("device", d) for d in devices])
-            paths_file.write_text(f"/v1/latest?{query}\n")
-        base = str(int(time.time()) - 3 * 3600)
+        base = int(time.time()) - 3 * 3600
         for round_number in range(args.rounds + 1):  # round 0 warms up
             for label, service in services.items():
-                if script == "get_paths.lua":
-                    wrk_args = [str(paths_file), key]
-                else:
-                    path = "/bench/noop" if args.kind == "noop" else "/v1/readings"
-                    wrk_args = [path, f"{label}{round_number}-", str(per_request), "1000",
-                                base, key]
+                script, wrk_args, connections = wrk_load(
+                    args.kind, key, devices, f"{label}{round_number}-", base)
                 result = harness.run_wrk(wrk, service.url, script, wrk_args,
                                          seconds=args.seconds if round_number else 2,
                                          connections=connections)

@@ -133,38 +133,58 @@ def free_port(exclude: Sequence[int] = ()) -> int:
     raise RuntimeError(f"no free port in {PORT_BASE}-{PORT_LIMIT - 1}")
 
 
-class RssSampler(threading.Thread):
-    """Peak resident memory of a process and all its children, sampled every 0.2 s."""
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its children (granian's workers); 0 once gone."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
 
-    def __init__(self, pid: int) -> None:
+
+class RssSampler(threading.Thread):
+    """The RSS of a process tree every `interval` seconds, in a thread (no event loop needed).
+
+    `samples` starts with one taken at once; `with RssSampler(pid) as rss:` samples inside.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.pid = pid
-        self.peak = 0
+        self.interval = interval
+        self.samples = [rss_bytes(pid)]
         self._stop_event = threading.Event()
 
-    def sample(self) -> int:
-        try:
-            root = psutil.Process(self.pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for process in processes:
-            with contextlib.suppress(psutil.Error):
-                total += process.memory_info().rss
-        return total
+    @property
+    def peak(self) -> int:
+        return max(self.samples)
 
     def run(self) -> None:
-        while not self._stop_event.wait(0.2):
-            self.peak = max(self.peak, self.sample())
+        while not self._stop_event.wait(self.interval):
+            self.samples.append(rss_bytes(self.pid))
 
     def stop(self) -> None:
         self._stop_event.set()
 
+    def __enter__(self) -> RssSampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @dataclass
 class Service:
-    """A server in its own process group: `vitalstore serve` unless `command` is given."""
+    """A server in its own process group: `vitalstore serve` unless `command` is given.
+
+    The one launcher of the benchmarks and the tests (tests/conftest.py's `server_factory`).
+    """
 
     db_url: str
     env: dict[str, str] = field(default_factory=dict)
@@ -172,6 +192,10 @@ class Service:
     ready_path: str = "/ready"
     name: str = "service"
     port: int = 0
+    # Sent by whoever talks to this server (an API key), kept here for them.
+    headers: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = RESULTS
+    log_level: str | None = "WARNING"  # None: the service's default (INFO)
     process: subprocess.Popen[bytes] | None = None
     sampler: RssSampler | None = None
 
@@ -181,17 +205,18 @@ class Service:
 
     @property
     def log_path(self) -> Path:
-        return RESULTS / f"{self.name}-{self.port}.log"
+        return self.log_dir / f"{self.name}-{self.port}.log"
 
     def start(self, timeout: float = 60) -> Service:
         self.port = self.port or free_port()
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VITALSTORE_DATABASE_URL": self.db_url,
                "VITALSTORE_PORT": str(self.port), "VITALSTORE_HOST": "127.0.0.1",
-               "VITALSTORE_LOG_LEVEL": "WARNING", **self.env}
+               **({"VITALSTORE_LOG_LEVEL": self.log_level} if self.log_level else {}),
+               **self.env}
         command = self.command or [VITALSTORE, "serve", "--port", str(self.port)]
         command = [part.replace("{port}", str(self.port)) for part in command]
-        with self.log_path.open("wb") as out:
+        with self.log_path.open("wb") as out:  # the child keeps its own descriptor
             self.process = subprocess.Popen(command, env=env, stdout=out,
                                             stderr=subprocess.STDOUT, cwd=ROOT,
                                             start_new_session=True)
@@ -231,18 +256,27 @@ class Service:
     def peak_rss(self) -> int:
         return self.sampler.peak if self.sampler else 0
 
-    def stop(self) -> None:
+    def signal(self, signum: int) -> None:
+        """To the whole process group (start_new_session): the main process and its workers."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} is not running")
+        os.killpg(self.process.pid, signum)
+
+    def stop(self, graceful: bool = True) -> None:
+        """SIGTERM (granian flushes and exits), SIGKILL after 40 s; at once if not graceful."""
         if self.sampler is not None:
             self.sampler.stop()
         if self.process is None or self.process.poll() is not None:
             return
-        # Our own process group (start_new_session): SIGTERM lets granian flush and exit.
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        if graceful:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(40)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal(signal.SIGKILL)
+        self.process.wait(10)
 
     def __enter__(self) -> Service:
         return self.start()
@@ -338,6 +372,16 @@ async def machine(db_url: str, wrk: str | None) -> dict[str, Any]:
             "cpu_idle_before_pct": await asyncio.to_thread(cpu_idle_percent)}
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    idle = machine.get("cpu_idle_before_pct")
+    quiet = "quiet" if idle is not None and idle >= 90 else "**shared: other work used the CPU**"
+    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB,"
+            f" PostgreSQL {machine['postgresql']} (shared_buffers {machine['shared_buffers']}),"
+            f" TimescaleDB {machine['timescaledb']}, Python {machine['python']};"
+            f" measured {machine['measured_at']} at commit {machine['commit']};"
+            f" CPU idle before the run {idle}% ({quiet}).")
+
+
 def _host(wrk: str | None) -> dict[str, Any]:
     cpu_model = ""
     with contextlib.suppress(OSError):
@@ -379,6 +423,13 @@ _LOAD = """
 
 
 _US = timedelta(microseconds=1)
+# The hourly aggregate of one device's raw rows in [$2, $3): what the aggregates route would
+# cost without rollups (the reference of its figures).
+RAW_HOURLY = """
+    SELECT metric_id, time_bucket(INTERVAL '1 hour', ts) AS start, count(*), sum(value),
+           min(value), max(value), avg(value)
+    FROM readings WHERE device_id = $1 AND ts >= $2 AND ts < $3
+    GROUP BY 1, 2 ORDER BY 1, 2"""
 
 
 async def ensure_names(conn: asyncpg.Connection, table: str, names: Sequence[str]) -> list[int]:
@@ -427,6 +478,13 @@ async def load_readings(conn: asyncpg.Connection, devices: Sequence[str], start:
         " WHERE id = ANY($1::int4[])",
         device_ids, start, last)
     return inserted
+
+
+def write_report(name: str, report: dict[str, Any], tables: str) -> None:
+    """loadtest/results/NAME (JSON), and its tables on the terminal."""
+    out = RESULTS / name
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{tables}\n\n{machine_line(report['machine'])}\n\nwritten: {out.relative_to(ROOT)}")
 
 
 @contextlib.contextmanager

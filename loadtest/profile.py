@@ -1,6 +1,6 @@
 """`make profile`: where the service's CPU goes under one kind of load (py-spy).
 
-    python loadtest/profile.py [single|batch|noop|latest] [seconds]
+    python loadtest/profile.py [single|batch|noop|latest|latest100] [seconds]
 
 Starts the service on a scratch database, drives it with wrk as `make bench` does, records
 the service's Python stacks with py-spy (all processes, GIL-holding or not) and prints the
@@ -18,22 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import asyncpg
-import harness
 import psutil
-from harness import RESULTS, ScratchDatabase, Service, log
 
-KINDS = {
-    # kind: (script, args builder, connections)
-    "noop": ("post_readings.lua", ["/bench/noop", "p-", "1"], 64),
-    "single": ("post_readings.lua", ["/v1/readings", "p-", "1"], 64),
-    "batch": ("post_readings.lua", ["/v1/readings", "p-", "1000"], 16),
-    "latest": ("get_paths.lua", [], 64),
-    "latest100": ("get_paths.lua", [], 64),
-}
+import harness
+from compare import LOADS, seed, wrk_load
+from harness import RESULTS, ScratchDatabase, Service, log
 
 # Where a frame's file lives says which layer the time belongs to; first match wins.
 LAYERS = [
@@ -108,34 +100,19 @@ def summarize(collapsed: Path, top: int = 25) -> str:
 def main() -> None:
     kind = sys.argv[1] if len(sys.argv) > 1 else "single"
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 15
-    script, args, connections = KINDS[kind]
     py_spy = shutil.which("py-spy") or str(harness.BIN / "py-spy")
     wrk = harness.ensure_wrk()
-    if wrk is None:
-        raise SystemExit("profile.py needs wrk")
+    if wrk is None or kind not in LOADS:
+        raise SystemExit(f"profile.py needs wrk and a kind of load: {', '.join(LOADS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     db = asyncio.run(ScratchDatabase("profile").create())
     try:
         key = harness.api_key(db.url)
         with Service(db.url, env={"VITALSTORE_BENCH_ROUTES": "true"},
                      name="profile") as service:
-            base = str(int(time.time()) - 3 * 3600)
-            if kind.startswith("latest"):
-                paths = RESULTS / "paths-profile.txt"
-                devices = [f"p-0-{i}" for i in range(100)]
-                harness.run_wrk(wrk, service.url, "post_readings.lua",
-                                ["/v1/readings", "p-", "100", "100", base, key],
-                                seconds=1, connections=1, threads=1)
-                if kind == "latest":
-                    paths.write_text("".join(f"/v1/devices/{urllib.parse.quote(d)}/latest\n"
-                                             for d in devices))
-                else:
-                    query = urllib.parse.urlencode([("device", d) for d in devices])
-                    paths.write_text(f"/v1/latest?{query}\n")
-                args = [str(paths)]
-            else:
-                args = [*args, "1000", base]
-            args.append(key)
+            devices = asyncio.run(seed(service.url, key))
+            script, args, connections = wrk_load(kind, key, devices, "p-",
+                                                 int(time.time()) - 3 * 3600)
             harness.run_wrk(wrk, service.url, script, args, seconds=3,
                             connections=connections)  # warm up
             stem = RESULTS / f"profile-{kind}"

@@ -1,4 +1,5 @@
-"""Markdown tables of the latest results, for the README's Performance section.
+"""The results as Markdown tables: what bench.py and bench_scale.py print, and the README's
+Performance section.
 
     python loadtest/report.py     # reads loadtest/results/bench.json and bench-scale.json
 """
@@ -8,21 +9,65 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bench import fmt, side_by_side
-from harness import RESULTS
+from harness import RESULTS, machine_line
 
 
-def machine_line(machine: dict[str, Any]) -> str:
-    idle = machine.get("cpu_idle_before_pct")
-    quiet = "quiet" if idle is not None and idle >= 90 else "**shared: other work used the CPU**"
-    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB,"
-            f" PostgreSQL {machine['postgresql']} (shared_buffers {machine['shared_buffers']}),"
-            f" TimescaleDB {machine['timescaledb']}, Python {machine['python']};"
-            f" measured {machine['measured_at']} at commit {machine['commit']};"
-            f" CPU idle before the run {idle}% ({quiet}).")
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+    return f"{text} {unit}".strip()
+
+
+def latency(fig: dict[str, Any]) -> str:
+    return f"p50 {fig['p50_ms']:.1f} / p99 {fig['p99_ms']:.1f} ms" if fig else "-"
+
+
+# The side-by-side layout, shared by the terminal table and loadtest/report.py:
+# (label, figure, key, unit, reference label, reference figure, key, ratio name).
+# A key of None means the latency cells of the figures.
+LAYOUT: list[tuple[str, str, str | None, str, str, str, str | None, str]] = [
+    ("single durable POST (4 metrics)", "single_post", "req_per_s", "req/s",
+     "no-op POST", "noop_post", "req_per_s", "single_vs_noop"),
+    ("  latency", "single_post", None, "", "", "noop_post", None, ""),
+    ("batch POST (1,000 x 4 metrics)", "batch_post", "rows_per_s", "rows/s",
+     "COPY ceiling, 1 conn", "copy_ceiling", "rows_per_s", "batch_vs_copy"),
+    ("GET /v1/devices/{id}/latest", "latest_get", "req_per_s", "req/s",
+     "no-op GET", "noop_get", "req_per_s", "latest_vs_noop_get"),
+    ("  latency", "latest_get", None, "", "", "noop_get", None, ""),
+    ("GET /v1/latest, 100 devices", "latest_100_get", "req_per_s", "req/s",
+     "", "", "", ""),
+    ("  latency", "latest_100_get", None, "", "", "", "", ""),
+    ("aggregates, 30 d hourly", "aggregates", "endpoint_ms", "ms",
+     "time_bucket over raw", "aggregates", "raw_time_bucket_ms", "rollup_speedup"),
+    ("single durable POST", "single_post", "req_per_s", "req/s",
+     "naive FastAPI+ORM", "naive_post", "req_per_s", "vs_naive"),
+    ("  latency", "single_post", None, "", "", "naive_post", None, ""),
+    ("batch POST with rollups", "batch_post", "rows_per_s", "rows/s",
+     "without rollups", "batch_post_no_rollups", "rows_per_s", "rollup_ingest_cost"),
+    ("COPY with rollups", "copy_ceiling", "rows_per_s", "rows/s",
+     "without rollups", "copy_ceiling_no_rollups", "rows_per_s", ""),
+    ("peak RSS of the service", "peak_rss_mb", "service", "MB",
+     "naive baseline", "peak_rss_mb", "naive", ""),
+]
+
+
+def side_by_side(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(label, value, reference label, reference value, ratio name) of every LAYOUT row."""
+    figures = report["figures"]
+
+    def cell(name: str, key: str | None, unit: str) -> str:
+        fig: dict[str, Any] = figures.get(name) or {}
+        if not name or "skipped" in fig:
+            return "-" if name else ""
+        return latency(fig) if key is None else fmt(fig.get(key), unit)
+
+    return [(label, cell(name, key, unit), ref_label, cell(ref, ref_key, unit), ratio)
+            for label, name, key, unit, ref_label, ref, ref_key, ratio in LAYOUT]
 
 
 def bench_tables(report: dict[str, Any]) -> str:
+    """The side-by-side table (Markdown), the rollup levels' costs, the notes."""
     g = report["goals"]
 
     def goal(name: str) -> str:
@@ -69,6 +114,10 @@ def scale_table(report: dict[str, Any]) -> str:
         fmt(s["bytes"]["database"] / 2**20) for s in sizes.values()) + " | |")
     out.append("| bytes per reading | " + " | ".join(
         fmt(s["bytes_per_reading"]) for s in sizes.values()) + " | |")
+    goal = report["goal"]
+    met = "met" if goal["met"] else "missed"
+    out += ["", f"[n] = items in the answer; growth = p50 at the largest size / smallest;"
+                f" goal: reads within x{goal['reads_within']} ({met})"]
     return "\n".join(out)
 
 

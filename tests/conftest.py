@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -31,6 +27,11 @@ from vitalstore.settings import Settings
 
 ADMIN_URL = os.environ.get("VITALSTORE_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 ROOT = Path(__file__).resolve().parents[1]
+# The load tools (one HTTP load client, one server launcher, one RSS sampler, one percentile)
+# serve the benchmarks and the tests alike: tests import them from loadtest/.
+sys.path.insert(0, str(ROOT / "loadtest"))
+from harness import Service  # noqa: E402
+
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
 
@@ -133,66 +134,23 @@ def free_port() -> int:
         return port
 
 
-class Server:
-    """`vitalstore serve` in a subprocess, for tests that need a real process."""
-
-    def __init__(self, db_url: str, headers: dict[str, str] | None = None, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # An API key of every scope, for requests to this server: httpx.post(..., headers=...).
-        self.headers = dict(headers or {})
-        self.env = {
-            **os.environ,
-            "VITALSTORE_DATABASE_URL": db_url,
-            "VITALSTORE_PORT": str(self.port),
-            **env,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = ROOT / ".pytest_cache" / f"server-{self.port}.log"
-
-    def start(self, timeout: float = 20) -> Server:
-        self.log.parent.mkdir(exist_ok=True)
-        with self.log.open("wb") as log:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vitalstore.cli", "serve"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready: {self.log.read_text()[-2000:]}")
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        os.killpg(self.process.pid, signum)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.signal(signal.SIGKILL)
-            self.process.wait(10)
-
-
 @pytest.fixture
 def server_factory(db_url: str, api_headers: dict[str, str]) -> Iterator[Any]:
-    """Starts `vitalstore serve` on the module's database; `server.headers` carry a key."""
-    servers: list[Server] = []
+    """Starts `vitalstore serve` on the module's database; `server.headers` carry a key.
 
-    def start(**env: str) -> Server:
-        server = Server(db_url, api_headers, **env).start()
+    Its log is `server.log_path`; it is killed (SIGKILL) after the test.
+    """
+    servers: list[Service] = []
+
+    def start(**env: str) -> Service:
+        server = Service(db_url, env, name="server", port=free_port(), headers=dict(api_headers),
+                         log_dir=ROOT / ".pytest_cache", log_level=None).start(timeout=20)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
-        server.stop()
+        server.stop(graceful=False)
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import msgspec
 import pytest
 
+from support import iso, store
 from vitalstore import rollups
 from vitalstore.rollups import MAX_ITEMS, parse_bucket
 
@@ -46,18 +46,6 @@ async def aggregates_from_raw(pool: asyncpg.Pool, device_id: int, bucket: rollup
     rows: list[asyncpg.Record] = await pool.fetch(_RAW_DEVICE_SQL, device_id, bucket.width,
                                                   *span)
     return rows
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-async def post(client: Any, readings: list[dict[str, Any]]) -> None:
-    for start in range(0, len(readings), 10_000):
-        response = await client.post(
-            "/v1/readings", content=msgspec.json.encode(readings[start:start + 10_000]),
-            headers={"content-type": "application/json"})
-        assert response.status_code == 202, response.text
 
 
 async def aggregates(client: Any, device: str, **params: str) -> Any:
@@ -109,7 +97,7 @@ def test_anything_else_is_not_a_bucket(text):
 
 
 async def test_invalid_bucket_is_422_naming_the_parameter(client, device):
-    await post(client, [{"device": device, "timestamp": iso(DAY0), "hr": 60}])
+    await store(client, [{"device": device, "timestamp": iso(DAY0), "hr": 60}])
     for bad in ("1s", "32d", "1w", "abc", "0m"):
         response = await aggregates(client, device, bucket=bad)
         assert response.status_code == 422, bad
@@ -120,7 +108,7 @@ async def test_invalid_bucket_is_422_naming_the_parameter(client, device):
 
 
 async def test_invalid_times_are_422(client, device):
-    await post(client, [{"device": device, "timestamp": iso(DAY0), "hr": 60}])
+    await store(client, [{"device": device, "timestamp": iso(DAY0), "hr": 60}])
     response = await aggregates(client, device, from_="yesterday")
     assert (response.status_code, response.json()["parameter"]) == (422, "from")
     response = await aggregates(client, device, to="2025-13-01T00:00:00Z")
@@ -141,7 +129,7 @@ async def test_unknown_device_is_404(client):
 
 async def test_items_combine_rollup_rows_by_metric_then_start(client, device):
     t = DAY0 + 10 * H
-    await post(client, [
+    await store(client, [
         {"device": device, "timestamp": iso(t), "spo2": 97, "hr": 60},
         {"device": device, "timestamp": iso(t + 59 * M), "hr": 80.5},
         {"device": device, "timestamp": iso(t + 119 * M + timedelta(seconds=59)), "hr": 70},
@@ -162,7 +150,7 @@ async def test_items_combine_rollup_rows_by_metric_then_start(client, device):
 
 async def test_metrics_parameter_selects_metrics(client, device):
     t = DAY0 + 3 * H
-    await post(client, [{"device": device, "timestamp": iso(t), "hr": 60, "spo2": 97,
+    await store(client, [{"device": device, "timestamp": iso(t), "hr": 60, "spo2": 97,
                          "temp": 36.6}])
     found = await items(client, device, metrics="temp,hr", from_=iso(t))
     assert [i["metric"] for i in found] == ["hr", "temp"]
@@ -173,10 +161,10 @@ async def test_metrics_parameter_selects_metrics(client, device):
 
 async def test_late_reading_updates_its_bucket_at_once(client, device):
     t = DAY0 + 5 * H
-    await post(client, [{"device": device, "timestamp": iso(t + 10 * M), "hr": 60}])
-    await post(client, [{"device": device, "timestamp": iso(DAY0 - timedelta(days=20)),
+    await store(client, [{"device": device, "timestamp": iso(t + 10 * M), "hr": 60}])
+    await store(client, [{"device": device, "timestamp": iso(DAY0 - timedelta(days=20)),
                          "hr": 10}])
-    await post(client, [{"device": device, "timestamp": iso(t + 5 * M), "hr": 90}])
+    await store(client, [{"device": device, "timestamp": iso(t + 5 * M), "hr": 90}])
     found = await items(client, device, bucket="1d", from_=iso(DAY0 - timedelta(days=30)))
     assert [(i["start"], i["count"], i["min"], i["max"]) for i in found] == [
         (iso(DAY0 - timedelta(days=20)), 1, 10.0, 10.0), (iso(DAY0), 2, 60.0, 90.0)]
@@ -185,8 +173,8 @@ async def test_late_reading_updates_its_bucket_at_once(client, device):
 async def test_a_retried_reading_counts_once(client, device):
     reading = {"device": device, "timestamp": iso(DAY0 + 7 * H), "hr": 60}
     for _ in range(3):
-        await post(client, [reading, reading])
-    await post(client, [{**reading, "hr": 99}])  # first write wins, counted once
+        await store(client, [reading, reading])
+    await store(client, [{**reading, "hr": 99}])  # first write wins, counted once
     found = await items(client, device, bucket="1m")
     assert [(i["count"], i["sum"]) for i in found] == [(1, 60.0)]
 
@@ -195,7 +183,7 @@ async def test_a_retried_reading_counts_once(client, device):
 
 async def hourly_readings(client: Any, device: str, first: datetime, hours: int) -> None:
     """One reading at the start and one just before the end of each hour."""
-    await post(client, [
+    await store(client, [
         {"device": device, "timestamp": iso(first + n * H + offset), "hr": n}
         for n in range(hours) for offset in (timedelta(0), H - timedelta(microseconds=1))
     ])
@@ -238,7 +226,7 @@ async def test_buckets_are_aligned_to_utc_not_to_the_range_start(client, device)
 async def test_day_buckets_split_at_utc_midnight(client, device):
     midnight = DAY0 - timedelta(days=1)
     last = midnight - timedelta(microseconds=1)
-    await post(client, [
+    await store(client, [
         {"device": device, "timestamp": iso(last), "hr": 1},
         {"device": device, "timestamp": iso(midnight), "hr": 2},
         {"device": device, "timestamp": (midnight + 23 * H).isoformat()[:19] + "+05:00",
@@ -254,7 +242,7 @@ async def test_day_buckets_split_at_utc_midnight(client, device):
 
 async def test_week_buckets_start_on_monday_and_long_buckets_at_the_origin(client, device):
     first = DAY0 - timedelta(days=40)
-    await post(client, [{"device": device, "timestamp": iso(first + n * timedelta(days=1)),
+    await store(client, [{"device": device, "timestamp": iso(first + n * timedelta(days=1)),
                          "hr": n} for n in range(40)])
     origin = datetime(2000, 1, 3, tzinfo=UTC)
     weeks = [datetime.fromisoformat(i["start"]) for i in await items(client, device, bucket="7d")]
@@ -270,7 +258,7 @@ async def test_week_buckets_start_on_monday_and_long_buckets_at_the_origin(clien
 
 
 async def test_the_oldest_readings_are_in_the_first_bucket_when_from_is_left_out(client, device):
-    await post(client, [{"device": device, "timestamp": "2000-01-01T00:00:00Z", "hr": 1},
+    await store(client, [{"device": device, "timestamp": "2000-01-01T00:00:00Z", "hr": 1},
                         {"device": device, "timestamp": "2000-01-02T12:00:00Z", "hr": 2}])
     found = await items(client, device, bucket="7d")
     assert [(i["start"], i["count"]) for i in found] == [("1999-12-27T00:00:00.000000Z", 2)]
@@ -293,7 +281,7 @@ async def test_empty_ranges(client, device):
 async def test_answer_equals_time_bucket_over_raw_rows(client, device, db_url):
     rng = random.Random(7)
     first = DAY0 - timedelta(days=70)
-    await post(client, [
+    await store(client, [
         {"device": device,
          "timestamp": iso(first + timedelta(microseconds=rng.randrange(70 * 86_400_000_000))),
          rng.choice(["hr", "spo2", "temp"]): rng.uniform(-50, 150)}
@@ -323,7 +311,7 @@ async def test_answer_equals_time_bucket_over_raw_rows(client, device, db_url):
 
 async def test_more_than_the_limit_is_422_naming_a_coarser_bucket_that_fits(client, device):
     first = DAY0 - timedelta(days=10)
-    await post(client, [{"device": device, "timestamp": iso(first + n * M), "hr": n}
+    await store(client, [{"device": device, "timestamp": iso(first + n * M), "hr": n}
                         for n in range(MAX_ITEMS + 1)])
     exactly = await items(client, device, bucket="1m", to=iso(first + MAX_ITEMS * M))
     assert len(exactly) == MAX_ITEMS
@@ -335,7 +323,7 @@ async def test_more_than_the_limit_is_422_naming_a_coarser_bucket_that_fits(clie
     assert "5m" in body["error"]
     assert len(await items(client, device, bucket=body["suggested_bucket"])) <= MAX_ITEMS
     # Two metrics: twice the items, the suggestion accounts for both.
-    await post(client, [{"device": device, "timestamp": iso(first + n * M), "spo2": 1}
+    await store(client, [{"device": device, "timestamp": iso(first + n * M), "spo2": 1}
                         for n in range(0, MAX_ITEMS + 1, 2)])
     response = await aggregates(client, device, bucket="2m")
     assert response.status_code == 422
@@ -359,7 +347,7 @@ async def test_fleet_view_combines_devices_and_counts_them(client):
     tag = uuid.uuid4().hex[:8]
     metric = f"fleet_{tag}"
     t = DAY0 + 8 * H
-    await post(client, [
+    await store(client, [
         {"device": f"ward-{tag}-a1", "timestamp": iso(t), metric: 10},
         {"device": f"ward-{tag}-a1", "timestamp": iso(t + M), metric: 20},
         {"device": f"ward-{tag}-a2", "timestamp": iso(t + 2 * M), metric: 30},
@@ -390,7 +378,7 @@ async def test_fleet_view_limit(client):
     tag = uuid.uuid4().hex[:8]
     metric = f"many_{tag}"
     first = DAY0 - timedelta(days=12)
-    await post(client, [{"device": f"fleet-{tag}-{n % 3}", "timestamp": iso(first + n * M),
+    await store(client, [{"device": f"fleet-{tag}-{n % 3}", "timestamp": iso(first + n * M),
                          metric: n} for n in range(MAX_ITEMS + 1)])
     response = await client.get("/v1/aggregates", params={"metric": metric, "bucket": "1m"})
     assert response.status_code == 422

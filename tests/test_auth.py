@@ -6,9 +6,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
-import os
 import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -25,12 +23,11 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from support import NOW, post, run_cli
 from vitalstore import auth, keys
 from vitalstore.app import create_app
 from vitalstore.auth import effective_prefix
 from vitalstore.keys import ApiKey
-
-NOW = int(time.time()) - 3600
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +58,6 @@ async def without_key(client: Any, method: str, url: str, **kwargs: Any) -> http
     if "authorization" not in {name.lower() for name in kwargs.get("headers", {})}:
         del request.headers["authorization"]
     response: httpx.Response = await client.send(request)
-    return response
-
-
-async def post(client: Any, body: Any, headers: dict[str, str] | None = None,
-               path: str = "/v1/readings") -> httpx.Response:
-    response: httpx.Response = await client.post(
-        path, content=msgspec.json.encode(body),
-        headers={"content-type": "application/json", **(headers or {})})
     return response
 
 
@@ -509,15 +498,9 @@ async def test_metrics_access_needs_a_read_key_unless_configured_open(settings, 
                 ).status_code == (200 if metrics_open else 403)
 
 
-def run_cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VITALSTORE_DATABASE_URL": db_url}
-    return subprocess.run([sys.executable, "-m", "vitalstore.cli", "keys", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
 async def test_cli_create_list_revoke(client, db_url, admin_db):
     name = f"cli-{uuid.uuid4().hex[:6]}"
-    created = await asyncio.to_thread(run_cli, db_url, "create", "--name", name,
+    created = await asyncio.to_thread(run_cli, db_url, "keys", "create", "--name", name,
                                       "--scope", "read,ingest", "--prefix", "ward-4:")
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1].split()[-1]
@@ -525,37 +508,39 @@ async def test_cli_create_list_revoke(client, db_url, admin_db):
     assert (await client.get("/v1/devices", headers=bearer(key))).status_code == 200
     assert (await client.get("/v1/keys", headers=bearer(key))).status_code == 403
 
-    listed = await asyncio.to_thread(run_cli, db_url, "list")
+    listed = await asyncio.to_thread(run_cli, db_url, "keys", "list")
     line = next(line for line in listed.stdout.splitlines() if line.startswith(name + " "))
     assert line.split()[1:3] == ["ingest,read", "ward-4:"] and line.endswith("-")
     assert key not in listed.stdout and key[3:] not in listed.stdout
     assert hashlib.sha256(key.encode()).hexdigest()[:16] not in listed.stdout
 
-    again = await asyncio.to_thread(run_cli, db_url, "create", "--name", name, "--scope", "read")
+    again = await asyncio.to_thread(run_cli, db_url, "keys", "create", "--name", name,
+                                    "--scope", "read")
     assert again.returncode != 0 and "exists" in again.stderr
-    bad = await asyncio.to_thread(run_cli, db_url, "create", "--name", "z", "--scope", "write")
+    bad = await asyncio.to_thread(run_cli, db_url, "keys", "create", "--name", "z",
+                                  "--scope", "write")
     assert bad.returncode != 0 and "scopes" in bad.stderr
 
-    revoked = await asyncio.to_thread(run_cli, db_url, "revoke", name)
+    revoked = await asyncio.to_thread(run_cli, db_url, "keys", "revoke", name)
     assert revoked.returncode == 0, revoked.stderr
     assert not await keys.is_active(admin_db, key)
-    missing = await asyncio.to_thread(run_cli, db_url, "revoke", name)
+    missing = await asyncio.to_thread(run_cli, db_url, "keys", "revoke", name)
     assert missing.returncode != 0
 
 
 async def test_local_admin_key_is_created_once_then_reused(client, db_url, tmp_path, admin_db):
     path = tmp_path / "dir" / "admin.key"
-    first = await asyncio.to_thread(run_cli, db_url, "local-admin", "--file", str(path))
+    first = await asyncio.to_thread(run_cli, db_url, "keys", "local-admin", "--file", str(path))
     assert first.returncode == 0, first.stderr
     key = path.read_text().strip()
     assert path.stat().st_mode & 0o777 == 0o600
     assert key in first.stdout and "curl -H \"Authorization: Bearer" in first.stdout
     assert (await client.get("/v1/keys", headers=bearer(key))).status_code == 200
-    second = await asyncio.to_thread(run_cli, db_url, "local-admin", "--file", str(path))
+    second = await asyncio.to_thread(run_cli, db_url, "keys", "local-admin", "--file", str(path))
     assert second.returncode == 0 and path.read_text().strip() == key
     # A key that no longer works is replaced, and the old one is revoked.
     path.write_text("vs_lost\n")
-    third = await asyncio.to_thread(run_cli, db_url, "local-admin", "--file", str(path))
+    third = await asyncio.to_thread(run_cli, db_url, "keys", "local-admin", "--file", str(path))
     assert third.returncode == 0
     assert path.read_text().strip() != key
     assert not await keys.is_active(admin_db, key)
@@ -568,7 +553,7 @@ def test_disabled_auth_serves_without_key_and_warns(server_factory, device):
     assert httpx.post(server.url + "/v1/readings", content=body, timeout=10,
                       headers={"content-type": "application/json"}).status_code == 202
     assert httpx.get(server.url + f"/v1/devices/{device}/latest", timeout=10).status_code == 200
-    assert "VITALSTORE_AUTH=disabled" in server.log.read_text()
+    assert "VITALSTORE_AUTH=disabled" in server.log_path.read_text()
 
 
 def test_server_requires_a_key_by_default(server_factory):
@@ -576,4 +561,4 @@ def test_server_requires_a_key_by_default(server_factory):
     assert httpx.get(server.url + "/v1/devices", timeout=10).status_code == 401
     assert httpx.get(server.url + "/v1/devices", headers=server.headers,
                      timeout=10).status_code == 200
-    assert "VITALSTORE_AUTH=disabled" not in server.log.read_text()
+    assert "VITALSTORE_AUTH=disabled" not in server.log_path.read_text()

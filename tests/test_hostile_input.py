@@ -20,12 +20,12 @@ from typing import Any
 
 import httpx
 import msgspec
-import psutil
 import pytest
 
+from harness import rss_bytes
+from support import NOW
 from vitalstore.settings import Settings
 
-NOW = int(time.time()) - 3600
 MAX_BODY = 64 * 1024
 MAX_ITEMS = 50
 JSON = {"content-type": "application/json"}
@@ -197,16 +197,11 @@ def gzip_bomb(inflated: int = 1 << 30) -> bytes:
     return first + block * (count - 1) + last + struct.pack("<II", crc, inflated & 0xFFFFFFFF)
 
 
-def rss(pid: int) -> int:
-    main = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [main, *main.children(recursive=True)])
-
-
 async def test_gzip_bomb_is_refused_while_inflating_with_memory_flat(server_factory):
     server = server_factory()  # default limit: 16 MiB inflated
     bomb = gzip_bomb()
     assert len(bomb) < 1_100_000
-    before = rss(server.process.pid)
+    before = rss_bytes(server.process.pid)
     peak = before
     async with httpx.AsyncClient(base_url=server.url, headers=server.headers,
                                  timeout=60) as client:
@@ -217,12 +212,12 @@ async def test_gzip_bomb_is_refused_while_inflating_with_memory_flat(server_fact
 
         for _ in range(3):
             answers = await asyncio.gather(*(one() for _ in range(4)))
-            peak = max(peak, rss(server.process.pid))
+            peak = max(peak, rss_bytes(server.process.pid))
             for answer in answers:
                 assert answer.status_code == 413
                 assert "inflates to more than" in answer.text
         assert (await client.get("/health")).status_code == 200
-    after = rss(server.process.pid)
+    after = rss_bytes(server.process.pid)
     # Four bombs at once, three times: each inflates to 16 MiB at most, never to 1 GiB.
     assert peak - before < 200 * 2**20, (before, peak)
     print(f"\n[hostile] gzip bomb {len(bomb)} B -> 1 GiB, 4 at once x3: RSS before "
@@ -313,4 +308,4 @@ async def test_client_hanging_up_mid_body_is_no_server_error(server_factory):
                 and 'route="/v1/readings"' in line]
     assert requests, metrics
     assert not [line for line in requests if 'status="5' in line], requests
-    assert "unhandled error" not in server.log.read_text()
+    assert "unhandled error" not in server.log_path.read_text()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import time
-from typing import Any
 
 import asyncpg
 import httpx
 import msgspec
 
-NOW = int(time.time()) - 3600
+from support import NOW, post
 
 
 async def stored(db: asyncpg.Connection, device: str) -> list[tuple[str, float, float]]:
@@ -21,11 +19,6 @@ async def stored(db: asyncpg.Connection, device: str) -> list[tuple[str, float, 
            FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics m ON m.id = r.metric_id
            WHERE d.name = $1 ORDER BY r.ts, m.name""", device)
     return [(r["name"], r["ts"], r["value"]) for r in rows]
-
-
-async def post(client: Any, body: Any, **headers: str) -> Any:
-    return await client.post("/v1/readings", content=msgspec.json.encode(body),
-                             headers={"content-type": "application/json", **headers})
 
 
 async def test_reading_is_readable_right_after_202(client, device):

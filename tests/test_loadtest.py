@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,14 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
+import asyncload
+import harness
+from support import NOW
 from vitalstore.app import create_app
 from vitalstore.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "loadtest"))
 
-import asyncload  # noqa: E402
-import harness  # noqa: E402
-
-NOW = int(time.time()) - 3600
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 
 
@@ -108,7 +105,7 @@ async def test_wrk_posts_store_every_reading_once(server_factory, db):
 @needs_wrk
 async def test_wrk_get_script_cycles_through_its_paths(server_factory, tmp_path):
     server = server_factory(VITALSTORE_BENCH_ROUTES="true")
-    conn = asyncload.Connection(server.url, dict(server.headers))
+    conn = asyncload.Client(server.url, dict(server.headers))
     body = json.dumps([{"device": f"get-{i}", "timestamp": NOW, "spo2": 97} for i in range(3)])
     assert (await conn.request("POST", "/v1/readings", body.encode(),
                                {"Content-Type": "application/json"}))[0] == 202
@@ -132,13 +129,12 @@ async def test_asyncio_client_loads_and_reads_chunked_exports(server_factory):
                                   headers={"Content-Type": "application/json", **server.headers})
     assert result.ok == result.requests > 0 and not result.errors
 
-    conn = asyncload.Connection(server.url, {"Content-Type": "application/json",
-                                             **server.headers})
+    conn = asyncload.Client(server.url, {"Content-Type": "application/json", **server.headers})
     body = json.dumps([{"device": "async-2", "timestamp": NOW + i, "spo2": 90 + i}
                        for i in range(5)]).encode()
     assert (await conn.request("POST", "/v1/readings", body))[0] == 202
-    status, export = await conn.request("GET", "/v1/devices/async-2/readings",
-                                        headers={"Accept": "application/x-ndjson"})
+    status, _, export = await conn.request("GET", "/v1/devices/async-2/readings",
+                                           headers={"Accept": "application/x-ndjson"})
     await conn.close()
     assert status == 200
     assert [json.loads(line)["metrics"]["spo2"] for line in export.splitlines()] == \
@@ -152,9 +148,9 @@ async def test_naive_baseline_stores_into_the_same_tables(db_url, db):
                  str(harness.LOADTEST), "--port", "{port}", "--log-level", "warning"])
     await asyncio.to_thread(naive.start)
     try:
-        conn = asyncload.Connection(naive.url, {"Content-Type": "application/json"})
+        conn = asyncload.Client(naive.url, {"Content-Type": "application/json"})
         for ts in (NOW, NOW + 1):
-            status, _ = await conn.request("POST", "/v1/readings", json.dumps(
+            status, _, _ = await conn.request("POST", "/v1/readings", json.dumps(
                 {"device": "naive-1", "timestamp": ts, "heartRateValue": 70, "spo2": 97,
                  "respiratoryRate": 14, "temperature": 36.8}).encode())
             assert status == 202

@@ -6,18 +6,14 @@ import asyncio
 import json
 import logging
 import re
-import time
-from typing import Any
 
 import httpx
-import msgspec
 import pytest
 
+from support import NOW, post
 from vitalstore import logs
 from vitalstore.settings import Settings
 from vitalstore.telemetry import SAMPLE_INTERVAL_S
-
-NOW = int(time.time()) - 3600
 
 
 def sample(metrics: str, name: str, **labels: str) -> float:
@@ -27,11 +23,6 @@ def sample(metrics: str, name: str, **labels: str) -> float:
     pattern = "^" + re.escape(name) + labelled + r" (\S+)$"
     found = re.search(pattern, metrics, re.M)
     return float(found.group(1)) if found else 0.0
-
-
-async def post(client: Any, body: Any, headers: dict[str, str]) -> Any:
-    return await client.post("/v1/readings", content=msgspec.json.encode(body),
-                             headers={"content-type": "application/json", **headers})
 
 
 async def test_metrics_count_requests_readings_and_flushes(client, auth, device):
@@ -106,7 +97,7 @@ async def test_metrics_of_all_workers_add_up(server_factory):
     accepted = {sample(text, "vitalstore_readings_accepted_total") for text in scrapes}
     assert accepted == {2 * requests}  # whichever worker answers the scrape
     # (Both workers did take requests: the access log says which process answered.)
-    entries = [json.loads(line) for line in server.log.read_text().splitlines()]
+    entries = [json.loads(line) for line in server.log_path.read_text().splitlines()]
     assert len({e["pid"] for e in entries if e["logger"] == "vitalstore.access"}) == 2
     pids = re.findall(r'pid="(\d+)"', "".join(scrapes))
     assert not pids  # summed over workers, not one series per process
@@ -123,7 +114,7 @@ async def test_logs_are_one_json_object_a_line_with_the_request_id(server_factor
         assert response.status_code == 202
         assert response.headers["x-request-id"] == "trace-me-42"
     await asyncio.sleep(0.2)
-    lines = [line for line in server.log.read_text().splitlines() if line.strip()]
+    lines = [line for line in server.log_path.read_text().splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]  # every line, granian's own included
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
     mine = [e for e in entries if e.get("request_id") == "trace-me-42"]

@@ -9,13 +9,9 @@ from typing import Any
 
 import msgspec
 
+from support import store
+
 BASE = int(time.time()) - 86400
-
-
-async def post(client: Any, body: Any) -> None:
-    response = await client.post("/v1/readings", content=msgspec.json.encode(body),
-                                 headers={"content-type": "application/json"})
-    assert response.status_code == 202, response.text
 
 
 async def all_pages(client: Any, url: str, **params: Any) -> list[dict[str, Any]]:
@@ -31,7 +27,7 @@ async def all_pages(client: Any, url: str, **params: Any) -> list[dict[str, Any]
 
 
 async def test_history_pages_cover_the_range_exactly_once(client, device):
-    await post(client, [{"device": device, "timestamp": BASE + i, "hr": i, "rr": i % 3}
+    await store(client, [{"device": device, "timestamp": BASE + i, "hr": i, "rr": i % 3}
                         for i in range(250)])
     items = await all_pages(client, f"/v1/devices/{device}/readings", limit=40)
     assert [i["metrics"]["hr"] for i in items] == [float(i) for i in range(250)]
@@ -41,11 +37,11 @@ async def test_history_pages_cover_the_range_exactly_once(client, device):
 
 
 async def test_pages_stay_exact_while_data_arrives(client, device):
-    await post(client, [{"device": device, "timestamp": BASE + 2 * i, "hr": i}
+    await store(client, [{"device": device, "timestamp": BASE + 2 * i, "hr": i}
                         for i in range(100)])
     first = (await client.get(f"/v1/devices/{device}/readings", params={"limit": 50})).json()
     # New readings arrive in the part already read and in the part still to come.
-    await post(client, [{"device": device, "timestamp": BASE + 1, "hr": -1},
+    await store(client, [{"device": device, "timestamp": BASE + 1, "hr": -1},
                         {"device": device, "timestamp": BASE + 151, "hr": -2}])
     rest = await all_pages(client, f"/v1/devices/{device}/readings", limit=50,
                            cursor=first["next_cursor"])
@@ -55,9 +51,9 @@ async def test_pages_stay_exact_while_data_arrives(client, device):
 
 
 async def test_history_range_is_half_open_and_filters_metrics(client, device):
-    await post(client, [{"device": device, "timestamp": BASE + i, "hr": i, "spo2": 90 + i}
+    await store(client, [{"device": device, "timestamp": BASE + i, "hr": i, "spo2": 90 + i}
                         for i in range(10)])
-    await post(client, {"device": device, "timestamp": BASE + 5.5, "note": "attribute only"})
+    await store(client, {"device": device, "timestamp": BASE + 5.5, "note": "attribute only"})
     items = (await client.get(f"/v1/devices/{device}/readings", params={
         "from": BASE + 2, "to": BASE + 6, "metrics": "spo2"})).json()["items"]
     assert [i["metrics"] for i in items] == [{"spo2": 92.0}, {"spo2": 93.0}, {"spo2": 94.0},
@@ -68,7 +64,7 @@ async def test_history_range_is_half_open_and_filters_metrics(client, device):
 
 
 async def test_ndjson_export_streams_the_whole_range(client, device):
-    await post(client, [{"device": device, "timestamp": BASE + i, "hr": i} for i in range(2500)])
+    await store(client, [{"device": device, "timestamp": BASE + i, "hr": i} for i in range(2500)])
     response = await client.get(f"/v1/devices/{device}/readings",
                                 headers={"accept": "application/x-ndjson"})
     assert response.headers["content-type"].startswith("application/x-ndjson")
@@ -77,7 +73,7 @@ async def test_ndjson_export_streams_the_whole_range(client, device):
 
 
 async def test_csv_export_has_a_header_and_a_row_per_reading(client, device):
-    await post(client, [{"device": device, "timestamp": BASE, "hr": 60, "spo2": 97},
+    await store(client, [{"device": device, "timestamp": BASE, "hr": 60, "spo2": 97},
                         {"device": device, "timestamp": BASE + 1, "hr": 61, "pos": "supine"}])
     response = await client.get(f"/v1/devices/{device}/readings", params={"from": BASE},
                                 headers={"accept": "text/csv"})
@@ -94,13 +90,13 @@ async def test_unknown_device_is_404(client):
 
 async def test_device_list_by_prefix_and_cursor(client, device):
     names = [f"{device}-{i:02d}" for i in range(25)]
-    await post(client, [{"device": n, "timestamp": BASE, "hr": 1} for n in names])
+    await store(client, [{"device": n, "timestamp": BASE, "hr": 1} for n in names])
     listed = await all_pages(client, "/v1/devices", prefix=f"{device}-", limit=10)
     assert [i["device"] for i in listed] == names
 
 
 async def test_bulk_latest_by_ids_skips_unknown(client, device):
-    await post(client, [{"device": f"{device}-a", "timestamp": BASE, "hr": 1},
+    await store(client, [{"device": f"{device}-a", "timestamp": BASE, "hr": 1},
                         {"device": f"{device}-b", "timestamp": BASE, "hr": 2}])
     response = await client.get("/v1/latest", params={
         "device": [f"{device}-a", f"{device}-b", f"{device}-nope"]})
@@ -110,7 +106,7 @@ async def test_bulk_latest_by_ids_skips_unknown(client, device):
 
 
 async def test_bad_query_parameters_are_422(client, device):
-    await post(client, {"device": device, "timestamp": BASE, "hr": 1})
+    await store(client, {"device": device, "timestamp": BASE, "hr": 1})
     for params in ({"from": "soon"}, {"limit": "0"}, {"order": "sideways"},
                    {"cursor": "!!!"}):
         response = await client.get(f"/v1/devices/{device}/readings", params=params)

@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import msgspec
 
-NOW = int(time.time()) - 600
+from support import NOW
 
 
 async def post(http: httpx.AsyncClient, server: Any, body: Any) -> httpx.Response:

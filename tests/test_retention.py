@@ -4,9 +4,6 @@ the raw readings they came from."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,11 +13,13 @@ import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
+from support import iso, run_cli
 from vitalstore.app import create_app
 from vitalstore.retention import MAINTENANCE_LOCK, apply_retention
 from vitalstore.settings import Settings
 
 RETENTION = {"retention_raw": "2d", "retention_1m": "5d"}
+RETENTION_ENV = {f"VITALSTORE_{name.upper()}": value for name, value in RETENTION.items()}
 HOUR = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 OLD = HOUR - timedelta(days=20)  # past the raw and the 1-minute horizons
 RECENT = HOUR - timedelta(hours=4)
@@ -30,10 +29,6 @@ RECENT = HOUR - timedelta(hours=4)
 def settings(db_url: str) -> Settings:
     """Short raw and 1-minute retention; maintenance only when asked (hourly otherwise)."""
     return Settings(database_url=db_url, **RETENTION)
-
-
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 async def post_hours(client: Any, device: str, first: datetime) -> None:
@@ -62,20 +57,13 @@ async def raw_times(db: asyncpg.Connection, device: str) -> tuple[set[datetime],
     return {r["ts"] for r in readings}, {r["ts"] for r in attributes}
 
 
-def run_cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VITALSTORE_DATABASE_URL": db_url,
-           **{f"VITALSTORE_{name.upper()}": value for name, value in RETENTION.items()}}
-    return subprocess.run([sys.executable, "-m", "vitalstore.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
-
-
 async def test_maintenance_drops_raw_data_and_keeps_aggregates(client, db, db_url, device):
     await post_hours(client, device, OLD)
     await post_hours(client, device, RECENT)
     hourly = await aggregates(client, device, "1h", OLD)
     daily = await aggregates(client, device, "1d", OLD - timedelta(days=1))
     assert sum(i["count"] for i in hourly) == 2 * 2 * 18
-    done = run_cli(db_url, "maintenance", "run")
+    done = run_cli(db_url, "maintenance", "run", **RETENTION_ENV)
     assert done.returncode == 0, done.stderr
     assert "readings" in done.stderr
     # Raw readings and attributes of 20 days ago are gone, recent ones stay.
@@ -97,10 +85,10 @@ async def test_maintenance_drops_raw_data_and_keeps_aggregates(client, db, db_ur
 async def test_rebuild_never_erases_rollups_whose_raw_data_expired(client, db, db_url, device):
     await post_hours(client, device, OLD)
     await post_hours(client, device, RECENT)
-    assert run_cli(db_url, "maintenance", "run").returncode == 0
+    assert run_cli(db_url, "maintenance", "run", **RETENTION_ENV).returncode == 0
     hourly = await aggregates(client, device, "1h", OLD)
     done = run_cli(db_url, "rollups", "rebuild", "--from", iso(OLD - timedelta(days=1)),
-                   "--to", iso(HOUR + timedelta(hours=1)), "--device", device)
+                   "--to", iso(HOUR + timedelta(hours=1)), "--device", device, **RETENTION_ENV)
     assert done.returncode == 0, done.stderr
     assert "VITALSTORE_RETENTION_RAW=2d" in done.stderr
     assert await aggregates(client, device, "1h", OLD) == hourly

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,11 +13,11 @@ from typing import Any
 
 import asyncpg
 import httpx
-import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import iso, run_cli, store
 from vitalstore.app import create_app
 from vitalstore.rebuild import rebuild
 from vitalstore.rollups import LEVELS
@@ -30,10 +27,6 @@ DAY = timedelta(days=1)
 # Yesterday's UTC midnight: readings around it and up to 40 days before it, none in the future.
 BASE = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - DAY
 Rollup = dict[tuple[int, int, datetime], tuple[int, float, float, float]]
-
-
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +105,6 @@ async def snapshot(conn: asyncpg.Connection, ids: list[int]) -> dict[str, Rollup
     return {level.table: await stored_rollups(conn, level.table, ids) for level in LEVELS}
 
 
-async def post(client: Any, readings: list[dict[str, Any]]) -> None:
-    response = await client.post("/v1/readings", content=msgspec.json.encode(readings),
-                                 headers={"content-type": "application/json"})
-    assert response.status_code == 202, response.text
-
-
 # -- any input ---------------------------------------------------------------------------
 
 # Seconds from BASE: both sides of midnight and of an hour, the odd microsecond, and days late.
@@ -156,7 +143,7 @@ async def test_rollups_equal_time_bucket_over_raw_rows(client, conn, data, readi
     waves = data.draw(st.lists(st.integers(0, 2), min_size=len(requests),
                                max_size=len(requests)), label="waves")
     for wave in range(3):
-        await asyncio.gather(*(post(client, body)
+        await asyncio.gather(*(store(client, body)
                                for body, w in zip(requests, waves, strict=True) if w == wave))
     await assert_rollups_match_raw(conn, await device_ids(conn, names))
 
@@ -191,7 +178,7 @@ async def test_two_processes_on_overlapping_devices_neither_deadlock_nor_lose_up
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
             for _ in range(25):
                 readings = body()
-                await post(http, readings)
+                await store(http, readings)
                 sent |= {(r["device"], r["timestamp"]) for r in readings}
         return sent
 
@@ -224,7 +211,7 @@ async def ingest_sample(client: Any, names: list[str], seed: int) -> None:
                                ).timestamp(),
                  rng.choice(["hr", "spo2"]): rng.uniform(-100, 100)}
                 for _ in range(1500)]
-    await asyncio.gather(*(post(client, readings[i:i + 100])
+    await asyncio.gather(*(store(client, readings[i:i + 100])
                            for i in range(0, len(readings), 100)))
 
 
@@ -252,12 +239,6 @@ async def corrupt(conn: asyncpg.Connection, ids: list[int]) -> None:
         await conn.execute(
             f"INSERT INTO {level.table} SELECT $1, 1, $2, 5, 5, 1, 1 ON CONFLICT DO NOTHING",
             ids[0], BASE - DAY)
-
-
-def run_cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VITALSTORE_DATABASE_URL": db_url}
-    return subprocess.run([sys.executable, "-m", "vitalstore.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 async def test_rebuild_leaves_rollups_as_ingestion_made_them(client, conn, db_url):
@@ -327,7 +308,7 @@ async def test_rebuild_next_to_live_ingestion_stays_exact(client, conn, db_url):
     async def live() -> int:
         posted = 0
         while not stop.is_set():
-            await post(client, [{"device": rng.choice(names),
+            await store(client, [{"device": rng.choice(names),
                                  "timestamp": (BASE - rng.choice([0, 1]) * DAY + timedelta(
                                      seconds=rng.randrange(86_400))).timestamp(),
                                  "hr": rng.uniform(0, 100)} for _ in range(50)])

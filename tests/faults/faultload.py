@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import math
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,93 +20,13 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import psutil
 
+from asyncload import Client
 from vitalstore.rollups import LEVELS
 
 DEVICES = 64
+JSON = {"content-type": "application/json"}
 METRICS = ("hr", "spo2")
-
-
-class HttpClient:
-    """A small HTTP/1.1 client over raw asyncio streams, keep-alive, for load generation.
-
-    httpx queues requests in its own connection pool for seconds once a few hundred are in
-    flight, which would be measured as the server's latency; this client opens a connection
-    whenever none is idle, so a request's latency is the server's (and the network's).
-    """
-
-    def __init__(self, url: str, headers: dict[str, str], timeout: float) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.timeout = timeout
-        self._head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self._open: set[asyncio.StreamWriter] = set()
-
-    async def __aenter__(self) -> HttpClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for writer in self._open:
-            writer.close()
-        for writer in list(self._open):
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def post(self, path: str, body: bytes,
-                   content_type: str = "application/json") -> tuple[int, dict[str, str], bytes]:
-        """(status, headers, body); raises OSError/EOFError/TimeoutError on transport failure.
-
-        Like any keep-alive client, it does not reuse a connection the server has closed, and
-        retries once on a new connection a request whose reused connection was closed before
-        any answer came (the server never read it; the ingest routes are idempotent anyway).
-        """
-        while self._idle:
-            reader, writer = self._idle.pop()
-            if not (reader.at_eof() or writer.is_closing()):
-                try:
-                    return await self._exchange(reader, writer, path, body, content_type)
-                except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
-                    if getattr(exc, "partial", b""):
-                        raise
-                break
-            self._drop(writer)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.timeout)
-        self._open.add(writer)
-        return await self._exchange(reader, writer, path, body, content_type)
-
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        path: str, body: bytes,
-                        content_type: str) -> tuple[int, dict[str, str], bytes]:
-        try:
-            async with asyncio.timeout(self.timeout):
-                writer.write(
-                    f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{self._head}"
-                    f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
-                    .encode() + body)
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                status = int(lines[0].split(" ", 2)[1])
-                headers = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        name, value = line.split(":", 1)
-                        headers[name.strip().lower()] = value.strip()
-                data = await reader.readexactly(int(headers.get("content-length", "0")))
-        except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError):
-            self._drop(writer)
-            raise
-        if headers.get("connection", "").lower() == "close":
-            self._drop(writer)
-        else:
-            self._idle.append((reader, writer))
-        return status, headers, data
-
-    def _drop(self, writer: asyncio.StreamWriter) -> None:
-        self._open.discard(writer)
-        writer.close()
 
 
 @dataclass(slots=True)
@@ -147,8 +65,8 @@ class Load:
         return {"device": self.device(n), "timestamp": self.base + n // DEVICES,
                 "hr": n % 200 + 1, "spo2": n % 7 + 90}
 
-    def client(self) -> HttpClient:
-        return HttpClient(self.url, self.headers, self.timeout)
+    def client(self) -> Client:
+        return Client(self.url, self.headers, self.timeout)
 
     def body(self, count: int | None = None,
              patch: Callable[[list[dict[str, Any]]], None] | None = None) -> tuple[int, bytes]:
@@ -162,7 +80,7 @@ class Load:
             patch(readings)
         return first, msgspec.json.encode(readings)
 
-    async def post_once(self, client: HttpClient, count: int | None = None,
+    async def post_once(self, client: Client, count: int | None = None,
                         patch: Callable[[list[dict[str, Any]]], None] | None = None,
                         prepared: tuple[int, bytes] | None = None) -> Answer:
         """Post the next `count` readings (or a body made beforehand by `body`)."""
@@ -170,8 +88,8 @@ class Load:
         first, body = prepared or self.body(count, patch)
         sent = time.monotonic()
         try:
-            status, headers, text = await client.post("/v1/readings", body)
-        except (OSError, EOFError, TimeoutError) as exc:
+            status, headers, text = await client.request("POST", "/v1/readings", body, JSON)
+        except (OSError, EOFError, TimeoutError, ValueError) as exc:
             answer = Answer(first, count, sent, time.monotonic() - sent, None,
                             type(exc).__name__)
         else:
@@ -234,13 +152,6 @@ class Load:
         return sorted(a.latency for a in self.answers if a.status == status)
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
-
-
 async def stored(db: asyncpg.Connection, load: Load) -> dict[tuple[str, int, str], list[float]]:
     """Every stored value of the load's devices: (device, unix seconds, metric) -> values."""
     rows = await db.fetch(
@@ -294,47 +205,6 @@ async def check_rollups(db: asyncpg.Connection) -> int:
         assert not differ, f"{table} differs from the raw rows: {[dict(r) for r in differ]}"
         compared += await db.fetchval(f"SELECT count(*) FROM {table}")
     return compared
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its children (granian's workers)."""
-    try:
-        main = psutil.Process(pid)
-        processes = [main, *main.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += process.memory_info().rss
-    return total
-
-
-class RssSampler:
-    """Samples a server's RSS every `interval` seconds in the background."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.samples: list[int] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            self.samples.append(await asyncio.to_thread(rss_bytes, self.pid))
-            await asyncio.sleep(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-
-    @property
-    def peak(self) -> int:
-        return max(self.samples, default=0)
 
 
 async def metric(url: str, headers: dict[str, str], name: str, **labels: str) -> float:

@@ -8,14 +8,9 @@ import time
 import asyncpg
 import httpx
 import pytest
-from faultload import (
-    Load,
-    check_acknowledged,
-    check_rollups,
-    metric,
-    percentile,
-    report,
-)
+
+from asyncload import percentile
+from faultload import Load, check_acknowledged, check_rollups, metric, report
 
 pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
 
@@ -72,7 +67,7 @@ async def test_killed_connections_give_202_or_503_and_the_service_recovers(serve
                         cause="database_unavailable") == statuses[503]
     # Each failed flush is logged once, however many requests it held.
     assert await metric(server.url, server.headers, "vitalstore_flushes_total",
-                        outcome="failed") == server.log.read_text().count("readings failed:")
+                        outcome="failed") == server.log_path.read_text().count("readings failed:")
 
     acknowledged, stored = await check_acknowledged(db, load)
     rollup_rows = await check_rollups(db)

@@ -6,15 +6,10 @@ import asyncio
 import time
 
 import pytest
-from faultload import (
-    Load,
-    RssSampler,
-    check_acknowledged,
-    check_rollups,
-    metric,
-    percentile,
-    report,
-)
+
+from asyncload import percentile
+from faultload import Load, check_acknowledged, check_rollups, metric, report
+from harness import RssSampler
 
 pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
 
@@ -30,7 +25,7 @@ async def test_stalled_database_fills_the_buffer_then_503s_fast_then_recovers(
                             VITALSTORE_MAX_ITEMS=str(PER_REQUEST * 2))
     load = Load(server.url, server.headers, per_request=PER_REQUEST)
     stop = asyncio.Event()
-    with RssSampler(server.process.pid) as rss:
+    with RssSampler(server.process.pid, interval=0.05) as rss:
         running = asyncio.create_task(load.open_loop(stop, RATE))
         await asyncio.sleep(1.0)
         baseline_rss = max(rss.samples)

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+
 from faultload import Load, check_acknowledged, check_rollups, report
 
 pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out

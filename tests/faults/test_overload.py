@@ -7,15 +7,10 @@ import time
 
 import httpx
 import pytest
-from faultload import (
-    Load,
-    RssSampler,
-    check_acknowledged,
-    check_rollups,
-    percentile,
-    report,
-    rss_bytes,
-)
+
+from asyncload import percentile
+from faultload import Load, check_acknowledged, check_rollups, report
+from harness import RssSampler, rss_bytes
 
 pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
 
@@ -46,7 +41,7 @@ async def test_overload_gives_only_202_or_fast_503_and_throughput_returns(server
     rate = TIMES_CAPACITY * capacity / PER_REQUEST  # requests a second
     overload_from = len(load.answers)
     baseline_rss = rss_bytes(server.process.pid)
-    with RssSampler(server.process.pid) as rss:
+    with RssSampler(server.process.pid, interval=0.05) as rss:
         await load.open_loop(asyncio.Event(), rate, outstanding=200, seconds=OVERLOAD_S)
     overload = load.answers[overload_from:]
     began = min(a.sent for a in overload)

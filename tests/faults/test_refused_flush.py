@@ -13,6 +13,7 @@ import re
 
 import httpx
 import pytest
+
 from faultload import Load, check_acknowledged, check_rollups, report, stored
 
 pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
@@ -55,7 +56,7 @@ async def test_one_refused_request_does_not_take_its_batch_mates_down(server_fac
     rollup_rows = await check_rollups(db)
 
     # Each refused flush was retried request by request, and logged once, not per request.
-    log_lines = [json.loads(line) for line in server.log.read_text().splitlines()
+    log_lines = [json.loads(line) for line in server.log_path.read_text().splitlines()
                  if line.startswith("{")]
     retried = [int(re.search(r"retrying its (\d+) requests", e["message"]).group(1))
                for e in log_lines if "retrying its" in e["message"]]

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+
 from faultload import Load, check_acknowledged, check_rollups, report, stored
 
 pytestmark = pytest.mark.slow  # a fault scenario: `pytest -m "not slow"` leaves it out
@@ -20,7 +21,7 @@ KILL_TIMEOUT_S = SHUTDOWN_TIMEOUT_S + 5
 async def exit_seconds(server, signalled: float) -> float:
     """Waits for the service to exit (cleanly) after the signal; how long it took."""
     exit_code = await asyncio.to_thread(server.process.wait, KILL_TIMEOUT_S + 20)
-    assert exit_code == 0, server.log.read_text()[-2000:]
+    assert exit_code == 0, server.log_path.read_text()[-2000:]
     return time.monotonic() - signalled
 
 
