@@ -1,15 +1,19 @@
-"""schema.py and rollups.LEVELS against the database the migrations build."""
+"""schema.py, rollups.LEVELS and /ready's schema check against the database the migrations build."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from litestar.testing import AsyncTestClient
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from vitalstore import database
+from vitalstore.app import create_app
 from vitalstore.rollups import LEVELS, floor_to
 from vitalstore.schema import metadata
 
@@ -53,3 +57,19 @@ async def test_the_trigger_buckets_at_the_widths_of_rollups_levels(db, device):
             f"SELECT r.bucket FROM {level.table} r JOIN devices d ON d.id = r.device_id"
             " WHERE d.name = $1", device)
         assert [row["bucket"] for row in buckets] == [floor_to(moment, level.width)], level
+
+
+async def test_ready_names_the_schema_revision_it_checked(client):
+    answer = (await client.get("/ready")).json()
+    assert answer["status"] == "ready"
+    assert answer["schema"] == database.schema_head() is not None
+
+
+async def test_ready_says_it_could_not_check_without_migrations(settings, monkeypatch):
+    # What an install from a wheel looks like: no alembic.ini beside the package.
+    monkeypatch.setattr(database, "ALEMBIC_INI", Path("/nonexistent/alembic.ini"))
+    assert database.schema_head() is None
+    async with AsyncTestClient(create_app(settings)) as fresh:
+        answer = (await fresh.get("/ready")).json()
+    assert answer["status"] == "ready"
+    assert answer["schema"] == "not checked: no migrations installed with this code"
