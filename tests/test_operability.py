@@ -131,7 +131,7 @@ def test_text_logs_on_a_terminal_json_otherwise(monkeypatch):
     assert not logs.use_json(Settings(log_format="text"))
     monkeypatch.setattr("sys.stderr", Terminal())
     assert not logs.use_json(Settings(log_format="auto"))
-    record = logging.LogRecord("vitalstore.ingest", logging.ERROR, __file__, 1,
+    record = logging.LogRecord("vitalstore.batcher", logging.ERROR, __file__, 1,
                                "flush of %d readings failed", (5,), None)
     token = logs.request_id.set("r-1")
     try:
@@ -139,7 +139,7 @@ def test_text_logs_on_a_terminal_json_otherwise(monkeypatch):
         entry = json.loads(logs.JsonFormatter().format(record))
     finally:
         logs.request_id.reset(token)
-    assert re.fullmatch(r"\S+Z ERROR   vitalstore.ingest \[r-1\] flush of 5 readings failed",
+    assert re.fullmatch(r"\S+Z ERROR   vitalstore.batcher \[r-1\] flush of 5 readings failed",
                         text)
     assert entry["message"] == "flush of 5 readings failed"
     assert entry["request_id"] == "r-1"
