@@ -38,7 +38,7 @@ LAYOUT: list[tuple[str, str, str | None, str, str, str, str | None, str]] = [
     ("GET /v1/latest, 100 devices", "latest_100_get", "req_per_s", "req/s",
      "", "", "", ""),
     ("  latency", "latest_100_get", None, "", "", "", "", ""),
-    ("aggregates, 30 d hourly", "aggregates", "endpoint_ms", "ms",
+    ("aggregates {days} d hourly", "aggregates", "endpoint_ms", "ms",
      "time_bucket over raw", "aggregates", "raw_time_bucket_ms", "rollup_speedup"),
     ("single durable POST", "single_post", "req_per_s", "req/s",
      "naive FastAPI+ORM", "naive_post", "req_per_s", "vs_naive"),
@@ -62,7 +62,9 @@ def side_by_side(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]
             return "-" if name else ""
         return latency(fig) if key is None else fmt(fig.get(key), unit)
 
-    return [(label, cell(name, key, unit), ref_label, cell(ref, ref_key, unit), ratio)
+    days = (figures.get("aggregates") or {}).get("days", "?")
+    return [(label.replace("{days}", str(days)), cell(name, key, unit), ref_label,
+             cell(ref, ref_key, unit), ratio)
             for label, name, key, unit, ref_label, ref, ref_key, ratio in LAYOUT]
 
 
