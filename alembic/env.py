@@ -2,6 +2,7 @@
 
 import asyncio
 
+import asyncpg
 from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
@@ -31,7 +32,26 @@ def _run(connection: Connection) -> None:
         context.run_migrations()
 
 
+async def update_timescaledb(url: str) -> None:
+    """Move the extension to the installed TimescaleDB (revision 0004 needs 2.28.3).
+
+    `ALTER EXTENSION timescaledb UPDATE` must be the first statement of its session: the first
+    statement of any other loads the old version's library, which then cannot be replaced. So
+    it runs here, on a connection of its own, before the revisions run on theirs. Where the
+    extension is already current it only says so; where it is not created yet, revision 0001
+    creates it at the installed version.
+    """
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        await conn.execute("ALTER EXTENSION timescaledb UPDATE")
+    except asyncpg.UndefinedObjectError:
+        pass
+    finally:
+        await conn.close()
+
+
 async def run_migrations_online() -> None:
+    await update_timescaledb(_url())
     engine = create_async_engine(_url(), poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:

@@ -23,6 +23,7 @@ from litestar.testing import AsyncTestClient
 from vitalstore import keys
 from vitalstore.app import create_app
 from vitalstore.database import alembic_config
+from vitalstore.policies import apply_policies
 from vitalstore.settings import Settings
 
 ADMIN_URL = os.environ.get("VITALSTORE_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -91,6 +92,19 @@ async def db_url(template_db: str) -> AsyncIterator[str]:
 @pytest.fixture(scope="module")
 def settings(db_url: str) -> Settings:
     return Settings(database_url=db_url, bench_routes=True)
+
+
+async def set_policies_unscheduled(settings: Settings) -> None:
+    """The policies `vitalstore db upgrade` sets, kept out of the scheduler's hands: tests run
+    them with `CALL run_job` (the scheduler's worker slots are shared by every test database,
+    and it must not convert or drop anything behind a test's back)."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await apply_policies(conn, settings)
+        await conn.execute("SELECT alter_job(job_id, scheduled => false)"
+                           " FROM timescaledb_information.jobs WHERE hypertable_name IS NOT NULL")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,19 @@
-"""Retention: raw chunks and rollup levels expire on their own horizons; aggregates outlive
-the raw readings they came from."""
+"""Retention: raw chunks and rollup levels expire on their own horizons (TimescaleDB's
+retention policies; `drop_chunks` from vitalstore on Apache-only servers, see
+test_editions.py); aggregates outlive the raw readings they came from."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import msgspec
 import pytest
-from litestar.testing import AsyncTestClient
 
+from conftest import set_policies_unscheduled
 from support import iso, run_cli
-from vitalstore.app import create_app
-from vitalstore.retention import MAINTENANCE_LOCK, apply_retention
+from vitalstore.policies import HYPERTABLES, MAINTENANCE_LOCK, apply_policies, apply_retention
 from vitalstore.settings import Settings
 
 RETENTION = {"retention_raw": "2d", "retention_1m": "5d"}
@@ -27,8 +25,13 @@ RECENT = HOUR - timedelta(hours=4)
 
 @pytest.fixture(scope="module")
 def settings(db_url: str) -> Settings:
-    """Short raw and 1-minute retention; maintenance only when asked (hourly otherwise)."""
-    return Settings(database_url=db_url, **RETENTION)
+    """Short raw and 1-minute retention; nothing converted to the columnstore."""
+    return Settings(database_url=db_url, columnstore_after="never", **RETENTION)
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def policies(settings: Settings) -> None:
+    await set_policies_unscheduled(settings)
 
 
 async def post_hours(client: Any, device: str, first: datetime) -> None:
@@ -94,20 +97,6 @@ async def test_rebuild_never_erases_rollups_whose_raw_data_expired(client, db, d
     assert await aggregates(client, device, "1h", OLD) == hourly
 
 
-async def test_service_applies_retention_on_its_own(client, db, settings, device, api_headers):
-    await post_hours(client, device, OLD)
-    await post_hours(client, device, RECENT)
-    hourly = await aggregates(client, device, "1h", OLD)
-    fast = msgspec.structs.replace(settings, maintenance_interval_s=0.2)
-    async with AsyncTestClient(create_app(fast), timeout=30) as service:
-        service.headers.update(api_headers)
-        deadline = time.monotonic() + 30
-        while min((await raw_times(db, device))[0]) < RECENT:
-            assert time.monotonic() < deadline, "raw chunks not dropped by the service"
-            await asyncio.sleep(0.2)
-        assert await aggregates(service, device, "1h", OLD) == hourly
-
-
 async def test_one_process_at_a_time_applies_retention(db, settings):
     other = await asyncpg.connect(settings.database_url)
     try:
@@ -124,3 +113,29 @@ async def test_one_process_at_a_time_applies_retention(db, settings):
 async def test_forever_keeps_every_table(db, db_url):
     forever = Settings(database_url=db_url, retention_raw="forever", retention_1m="forever")
     assert await apply_retention(db, forever) == {}
+
+
+async def test_policies_follow_the_settings(db, settings):
+    assert await apply_policies(db, settings) == []  # set by the fixture already: unchanged
+    changed = msgspec.structs.replace(settings, retention_raw="30d", retention_1h="400d",
+                                      columnstore_after="2d")
+    assert set(await apply_policies(db, changed)) == {
+        "readings: retention, chunks dropped after 30d",
+        "reading_attributes: retention, chunks dropped after 30d",
+        "rollup_1h: retention, chunks dropped after 400d",
+        *(f"{table}: columnstore, chunks converted after 2d" for table in HYPERTABLES)}
+    jobs = await db.fetch("SELECT hypertable_name, proc_name, config::text FROM"
+                          " timescaledb_information.jobs WHERE hypertable_name IS NOT NULL")
+    retention = {r[0]: msgspec.json.decode(r[2])["drop_after"] for r in jobs if r[1] == "policy_retention"}
+    assert retention == {"readings": "30 days", "reading_attributes": "30 days",
+                         "rollup_1m": "5 days", "rollup_1h": "400 days"}
+    assert set(await apply_policies(db, msgspec.structs.replace(
+        changed, retention_1h="forever", columnstore_after="never"))) == {
+        "rollup_1h: retention policy removed",
+        *(f"{table}: columnstore policy removed" for table in HYPERTABLES)}
+    left = await db.fetch("SELECT hypertable_name, proc_name FROM timescaledb_information.jobs"
+                          " WHERE hypertable_name IS NOT NULL ORDER BY 1, 2")
+    assert [tuple(r) for r in left] == [("reading_attributes", "policy_retention"),
+                                        ("readings", "policy_retention"),
+                                        ("rollup_1m", "policy_retention")]
+    await apply_policies(db, settings)

@@ -23,9 +23,9 @@ from vitalstore.api.common import (
     problem_handler,
 )
 from vitalstore.batcher import Batcher
+from vitalstore.policies import APACHE_WARNING, Maintenance, has_columnstore
 from vitalstore.problems import Problem
 from vitalstore.readings import Validator
-from vitalstore.retention import Maintenance
 from vitalstore.services import Services
 from vitalstore.settings import Settings
 from vitalstore.writer import NameIds
@@ -67,6 +67,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             async with pool.acquire() as conn:
                 await database.check_durability(conn)
+                columnstore = await has_columnstore(conn)
+            if not columnstore:
+                log.warning(APACHE_WARNING)
             batcher = Batcher(settings, connect_writer, observe=app_telemetry.observe_flush)
             await batcher.start()
             app.state.services = Services(
@@ -80,9 +83,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 schema_head=database.schema_head(),
                 keys=auth.KeyStore(pool, settings),
                 telemetry=app_telemetry,
+                columnstore=columnstore,
             )
+            # TimescaleDB's scheduler runs the policies; only the Apache-only edition, which has
+            # no policy jobs, needs retention applied from here.
             maintenance = Maintenance(settings, pool)
-            maintenance.start()
+            if not columnstore:
+                maintenance.start()
             try:
                 async with app_telemetry.sampler(lambda: batcher.buffered, pool):
                     yield

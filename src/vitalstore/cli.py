@@ -59,6 +59,19 @@ def database_name(dsn: str) -> str:
     return name
 
 
+async def _apply_policies(settings: Settings) -> None:
+    from vitalstore.policies import APACHE_WARNING, apply_policies, has_columnstore
+
+    conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
+    try:
+        if not await has_columnstore(conn):
+            print(f"vitalstore: warning: {APACHE_WARNING}", file=sys.stderr)
+        for change in await apply_policies(conn, settings):
+            print(f"policy set: {change}", file=sys.stderr)
+    finally:
+        await conn.close()
+
+
 async def _preflight(settings: Settings) -> None:
     conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
     try:
@@ -236,9 +249,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                              help="RFC 3339 or Unix seconds (exclusive)")
     rebuild_cmd.add_argument("--device", help="only this device id")
 
-    maintenance = commands.add_parser("maintenance", help="retention")
+    maintenance = commands.add_parser("maintenance", help="columnstore and retention policies")
     maintenance_commands = maintenance.add_subparsers(dest="maintenance_command", required=True)
-    maintenance_commands.add_parser("run", help="apply VITALSTORE_RETENTION_* once")
+    maintenance_commands.add_parser("run", help="run every vitalstore policy job once, now")
 
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
@@ -252,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "db" and args.db_command == "upgrade":
         asyncio.run(_ensure_database(settings))
         _alembic_upgrade(settings)
+        asyncio.run(_apply_policies(settings))
         print("database at head", file=sys.stderr)
     elif args.command == "keys" and args.keys_command == "local-admin":
         _local_admin(settings, args.file)
@@ -263,9 +277,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(asyncio.run(rebuild_command(settings, args.start, args.end, args.device)),
               file=sys.stderr)
     elif args.command == "maintenance":
-        from vitalstore.retention import maintenance_command
+        from vitalstore.policies import maintenance_command
 
-        print(asyncio.run(maintenance_command(settings)), file=sys.stderr)
+        report, ok = asyncio.run(maintenance_command(settings))
+        print(report, file=sys.stderr)
+        if not ok:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import asyncpg
 from tqdm import tqdm
 
 from vitalstore.database import ONE_MICROSECOND
-from vitalstore.retention import horizon
+from vitalstore.policies import horizon
 from vitalstore.rollups import LEVELS, floor_to
 from vitalstore.settings import Settings
 

@@ -25,3 +25,5 @@ class Services:
     schema_head: str | None
     keys: KeyStore
     telemetry: Telemetry
+    # False on an Apache-only TimescaleDB: no columnstore, no policy jobs.
+    columnstore: bool

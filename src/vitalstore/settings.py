@@ -58,11 +58,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     bench_routes: bool = False
     rollups: bool = True
 
-    # Retention per table: a duration or "forever".
+    # Chunks wholly older than this go to the columnstore (TimescaleDB's policy); "never": not.
+    columnstore_after: str = "1d"
+    # Retention per table: a duration or "forever" (TimescaleDB's policies).
     retention_raw: str = "90d"
     retention_1m: str = "365d"
     retention_1h: str = "forever"
     retention_1d: str = "forever"
+    # Apache-only TimescaleDB (no policy jobs): how often the service applies retention itself.
     maintenance_interval_s: float = 3600.0
 
     # Access control: "required" or "disabled" (local experiments only; warned at each start).
@@ -77,8 +80,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        for name in ("chunk_interval", "retention_raw", "retention_1m", "retention_1h",
-                     "retention_1d"):
+        for name in ("chunk_interval", "columnstore_after", "retention_raw", "retention_1m",
+                     "retention_1h", "retention_1d"):
             parse_duration(getattr(self, name))
         if self.buffer_max_readings < self.max_items:
             raise ValueError("buffer_max_readings must be at least max_items")

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from litestar.types import HTTPResponseStartEvent, Scope
 from prometheus_client import (
@@ -35,6 +35,9 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+
+if TYPE_CHECKING:
+    from vitalstore.policies import PolicyHealth
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SAMPLE_INTERVAL_S = 1.0
@@ -149,6 +152,15 @@ class Telemetry:
             "vitalstore_auth_failures", "Requests refused by access control, by reason:"
             " missing, malformed, unknown or revoked key (401); scope or prefix (403)",
             ["reason"], registry=registry)
+        # Read from TimescaleDB's job statistics at each scrape (the same in every worker).
+        self.policy_failing = Gauge(
+            "vitalstore_policy_failing", "1 when the scheduler's last run of a vitalstore policy"
+            " job failed, by table and policy (columnstore, retention)", ["table", "policy"],
+            multiprocess_mode="mostrecent", registry=registry)
+        self.policy_failures = Gauge(
+            "vitalstore_policy_failures", "Failed runs of a vitalstore policy job as TimescaleDB"
+            " counts them, by table and policy", ["table", "policy"],
+            multiprocess_mode="mostrecent", registry=registry)
         # The hot path adds to plain ints; publish() moves them to the (memory-mapped, in
         # multiprocess mode: ~2 us an increment) prometheus values once a second.
         self._answers: collections.Counter[tuple[str, str, int]] = collections.Counter()
@@ -182,6 +194,11 @@ class Telemetry:
         self.flush_seconds.observe(seconds)
         self.flush_readings.observe(readings)
         self.flush_requests.observe(requests)
+
+    def policies(self, health: list[PolicyHealth]) -> None:
+        for policy in health:
+            self.policy_failing.labels(policy.table, policy.policy).set(int(policy.failing))
+            self.policy_failures.labels(policy.table, policy.policy).set(policy.failures)
 
     def sample(self, buffered: int, pool: Pool | None) -> None:
         self.publish()

@@ -12,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from vitalstore.api.common import services_of
 from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import METRICS, OPEN
+from vitalstore.policies import APACHE_WARNING, PolicyHealth, policy_health
+from vitalstore.services import Services
 from vitalstore.telemetry import Telemetry
 
 
@@ -23,6 +25,23 @@ async def health() -> dict[str, str]:
 class NotReady(msgspec.Struct):
     status: str
     problems: list[str]
+
+
+async def _policies(services: Services) -> list[PolicyHealth] | None:
+    """The policy jobs' health; None where there are none (Apache-only) or it cannot be read."""
+    if not services.columnstore:
+        return None
+    try:
+        return await policy_health(services.pool)
+    except Exception:  # readiness and metrics answer without it
+        return None
+
+
+def _warnings(services: Services, policies: list[PolicyHealth] | None) -> list[str]:
+    """What an operator should know that does not stop the service from taking readings."""
+    if not services.columnstore:
+        return [APACHE_WARNING]
+    return [str(policy) for policy in policies or [] if policy.failing]
 
 
 @get("/ready", summary="Database reachable, schema at head, ingest buffer not full",
@@ -46,18 +65,27 @@ async def ready(state: State) -> Response[dict[str, Any]]:
         problems.append("ingest buffer full")
     if not services.batcher.available:
         problems.append("writer not connected")
+    # A failing policy is a warning, not a problem: readings are still taken and kept.
+    warnings = _warnings(services, await _policies(services))
     if problems:
-        return Response({"status": "unavailable", "problems": problems}, status_code=503,
-                        headers={"Retry-After": "1"})
-    return Response({"status": "ready", "buffered": services.batcher.buffered, "schema": schema})
+        return Response({"status": "unavailable", "problems": problems, "warnings": warnings},
+                        status_code=503, headers={"Retry-After": "1"})
+    body: dict[str, Any] = {"status": "ready", "buffered": services.batcher.buffered,
+                            "schema": schema}
+    if warnings:
+        body["warnings"] = warnings
+    return Response(body)
 
 
 @get("/metrics", summary="Prometheus metrics (text format)", media_type=CONTENT_TYPE_LATEST,
-     sync_to_thread=False, **METRICS)
-def metrics_route(state: State) -> Response[bytes]:
-    services = state.services
+     **METRICS)
+async def metrics_route(state: State) -> Response[bytes]:
+    services = services_of(state)
     telemetry: Telemetry = services.telemetry
     telemetry.sample(services.batcher.buffered, services.pool)
+    policies = await _policies(services)
+    if policies is not None:
+        telemetry.policies(policies)
     return Response(telemetry.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
