@@ -126,7 +126,8 @@ async def test_policies_follow_the_settings(db, settings):
         *(f"{table}: columnstore, chunks converted after 2d" for table in HYPERTABLES)}
     jobs = await db.fetch("SELECT hypertable_name, proc_name, config::text FROM"
                           " timescaledb_information.jobs WHERE hypertable_name IS NOT NULL")
-    retention = {r[0]: msgspec.json.decode(r[2])["drop_after"] for r in jobs if r[1] == "policy_retention"}
+    retention = {r[0]: msgspec.json.decode(r[2])["drop_after"]
+                 for r in jobs if r[1] == "policy_retention"}
     assert retention == {"readings": "30 days", "reading_attributes": "30 days",
                          "rollup_1m": "5 days", "rollup_1h": "400 days"}
     assert set(await apply_policies(db, msgspec.structs.replace(
