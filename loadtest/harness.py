@@ -422,6 +422,32 @@ _LOAD = """
 """
 
 
+# The same readings with realistic noise (bench-scale's columnstore figures): integer vitals
+# on a slow wave with +-1 jitter, temperature (the narrow range) to 0.1 with a little jitter.
+_LOAD_NOISY = """
+    INSERT INTO readings (device_id, metric_id, ts, value)
+    SELECT d.id, m.id, t,
+           CASE WHEN m.hi - m.lo > 5
+                THEN round(m.lo + (m.hi - m.lo) * (0.5 + 0.4 * sin(extract(epoch FROM t) / 900
+                                                                  + d.id))
+                           + floor(random() * 3) - 1)
+                ELSE round((m.lo + (m.hi - m.lo) * (0.5 + 0.4 * sin(extract(epoch FROM t) / 3600
+                                                                   + d.id))
+                            + (random() - 0.5) * 0.2)::numeric, 1) END
+    FROM unnest($1::int4[]) AS d (id)
+    CROSS JOIN generate_series($2::timestamptz, $3::timestamptz, $4::interval) AS t
+    CROSS JOIN unnest($5::int4[], $6::float8[], $7::float8[]) AS m (id, lo, hi)
+"""
+# A text attribute now and then: one reading in 300 of each device.
+_LOAD_ATTRIBUTES = """
+    INSERT INTO reading_attributes (device_id, ts, attributes)
+    SELECT d.id, t, jsonb_build_object('signalQuality', (ARRAY['good', 'fair', 'poor'])[
+               1 + (extract(epoch FROM t)::int8 / 300 + d.id) % 3])
+    FROM unnest($1::int4[]) AS d (id)
+    CROSS JOIN generate_series($2::timestamptz, $3::timestamptz, $4::interval) AS t
+    WHERE (extract(epoch FROM t)::int8 / $5::int8 + d.id) % 300 = 0
+"""
+
 _US = timedelta(microseconds=1)
 # The hourly aggregate of one device's raw rows in [$2, $3): what the aggregates route would
 # cost without rollups (the reference of its figures).
@@ -445,7 +471,7 @@ async def ensure_names(conn: asyncpg.Connection, table: str, names: Sequence[str
 
 async def load_readings(conn: asyncpg.Connection, devices: Sequence[str], start: datetime,
                         end: datetime, step: timedelta, rows_per_statement: int = 1_000_000,
-                        progress: str = "") -> int:
+                        progress: str = "", noisy: bool = False) -> int:
     """Readings of every device every `step` in [start, end), four metrics each, by SQL.
 
     INSERT ... SELECT fires the readings trigger like ingestion does, so `latest` and the
@@ -464,8 +490,11 @@ async def load_readings(conn: asyncpg.Connection, devices: Sequence[str], start:
     cursor = start
     while cursor < end:
         until = min(cursor + slice_width, end)
-        status = await conn.execute(_LOAD, device_ids, cursor, until - _US, step, metric_ids,
-                                    lows, highs)
+        status = await conn.execute(_LOAD_NOISY if noisy else _LOAD, device_ids, cursor,
+                                    until - _US, step, metric_ids, lows, highs)
+        if noisy:
+            await conn.execute(_LOAD_ATTRIBUTES, device_ids, cursor, until - _US, step,
+                               max(1, int(step.total_seconds())))
         inserted += int(status.split()[-1])
         cursor = until
         if progress:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from support import iso, run_cli, store
 from vitalstore.app import create_app
+from vitalstore.policies import HYPERTABLES
 from vitalstore.rebuild import rebuild
 from vitalstore.rollups import LEVELS
 from vitalstore.settings import Settings
@@ -122,9 +123,21 @@ reading = st.tuples(
 )
 
 
+async def convert_every_chunk(conn: asyncpg.Connection) -> None:
+    """Every chunk of every hypertable to the columnstore (again, where late rows came in)."""
+    for table in HYPERTABLES:
+        await conn.execute("SELECT count(compress_chunk(c, true)) FROM show_chunks($1) c", table)
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM timescaledb_information.chunks WHERE NOT is_compressed"
+        " AND hypertable_name = ANY($1::name[])", list(HYPERTABLES))
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["rows", "converted"])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), readings=st.lists(reading, min_size=1, max_size=60))
-async def test_rollups_equal_time_bucket_over_raw_rows(client, conn, data, readings):
+async def test_rollups_equal_time_bucket_over_raw_rows(client, conn, converted, data, readings):
+    """With `converted`, every chunk goes to the columnstore after the first wave: the later
+    waves are late writes, duplicates and conflicts into converted chunks."""
     tag = uuid.uuid4().hex[:10]
     names = [f"prop-{tag}-{n}" for n in range(3)]
     # Retries and conflicting duplicates: the same device and time again, maybe other values.
@@ -143,6 +156,8 @@ async def test_rollups_equal_time_bucket_over_raw_rows(client, conn, data, readi
     waves = data.draw(st.lists(st.integers(0, 2), min_size=len(requests),
                                max_size=len(requests)), label="waves")
     for wave in range(3):
+        if converted and wave == 1:
+            await convert_every_chunk(conn)
         await asyncio.gather(*(store(client, body)
                                for body, w in zip(requests, waves, strict=True) if w == wave))
     await assert_rollups_match_raw(conn, await device_ids(conn, names))
