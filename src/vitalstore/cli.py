@@ -236,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser("upgrade", help="create the database if needed, migrate to head")
+    db_commands.add_parser(
+        "upgrade", help="create the database if needed, migrate to head, set the policies")
     _add_keys_commands(commands)
 
     rollups_cmd = commands.add_parser("rollups", help="rollup tables")

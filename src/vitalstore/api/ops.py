@@ -25,6 +25,7 @@ async def health() -> dict[str, str]:
 class NotReady(msgspec.Struct):
     status: str
     problems: list[str]
+    warnings: list[str]
 
 
 async def _policies(services: Services) -> list[PolicyHealth] | None:
@@ -66,7 +67,8 @@ async def ready(state: State) -> Response[dict[str, Any]]:
     if not services.batcher.available:
         problems.append("writer not connected")
     # A failing policy is a warning, not a problem: readings are still taken and kept.
-    warnings = _warnings(services, await _policies(services))
+    reachable = not any(problem.startswith("database:") for problem in problems)
+    warnings = _warnings(services, await _policies(services) if reachable else None)
     if problems:
         return Response({"status": "unavailable", "problems": problems, "warnings": warnings},
                         status_code=503, headers={"Retry-After": "1"})
