@@ -35,6 +35,8 @@ from vitalstore.app import create_app
 from vitalstore.policies import APACHE_WARNING
 from vitalstore.settings import Settings
 
+pytestmark = pytest.mark.slow  # scratch PostgreSQL servers of our own (tens of seconds each)
+
 HOUR = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 OLD = HOUR - timedelta(days=20)
 
