@@ -15,7 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import Message, Scope
 
 from vitalstore import auth, database, logs, telemetry, writer
-from vitalstore.api import aggregates, devices, ingest, keys, ops
+from vitalstore.api import aggregates, devices, influx, ingest, keys, ops
 from vitalstore.api.common import (
     database_refused,
     database_unavailable,
@@ -23,6 +23,7 @@ from vitalstore.api.common import (
     problem_handler,
 )
 from vitalstore.batcher import Batcher
+from vitalstore.mqtt import MqttIngest
 from vitalstore.policies import APACHE_WARNING, Maintenance, has_columnstore
 from vitalstore.problems import Problem
 from vitalstore.readings import Validator
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 log.warning(APACHE_WARNING)
             batcher = Batcher(settings, connect_writer, observe=app_telemetry.observe_flush)
             await batcher.start()
-            app.state.services = Services(
+            app.state.services = services = Services(
                 settings=settings,
                 validator=Validator(max_items=settings.max_items,
                                     max_future_skew_s=settings.max_future_skew_s),
@@ -90,10 +91,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
             maintenance = Maintenance(settings, pool)
             if not columnstore:
                 maintenance.start()
+            if settings.mqtt_url:
+                services.mqtt = MqttIngest(settings, services)
+                services.mqtt.start()
             try:
                 async with app_telemetry.sampler(lambda: batcher.buffered, pool):
                     yield
             finally:
+                if services.mqtt is not None:
+                    # Before the batcher: what is being committed is still acknowledged.
+                    await services.mqtt.close()
                 await maintenance.stop()
                 # Granian runs this after it stops serving: what is buffered is flushed here.
                 await batcher.close()
@@ -106,7 +113,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app_telemetry.count_response(message, scope)
 
     route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *keys.ROUTES,
-                      *aggregates.ROUTES]
+                      *aggregates.ROUTES, *influx.ROUTES]
     if settings.bench_routes:
         route_handlers += ingest.BENCH_ROUTES
     return Litestar(

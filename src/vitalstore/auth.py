@@ -87,6 +87,9 @@ def requires(scope: keys.KeyScope) -> dict[str, Any]:
 
 OPEN: Final[dict[str, Any]] = {ACCESS_OPT: "open"}
 METRICS: Final[dict[str, Any]] = {ACCESS_OPT: "metrics", "security": _SECURITY}
+# The handler checks the key itself (the InfluxDB routes: errors in InfluxDB's shape, and a
+# 401 that says why for credentials in the URL). Only for routes that call `authorize`.
+CHECKED_BY_HANDLER: Final[dict[str, Any]] = {ACCESS_OPT: "handler", "security": _SECURITY}
 
 
 def effective_prefix(key: ApiKey, requested: str | None) -> str | None:
@@ -114,11 +117,12 @@ def forbid_outside_prefix(key: ApiKey, devices: Iterable[str]) -> None:
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The key from `Authorization: Bearer` or `X-API-Key` (never from the URL)."""
+    """The key from `Authorization: Bearer` (or `Token`, as Influx clients send it) or
+    `X-API-Key` (never from the URL)."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
+            if scheme.lower() in (b"bearer", b"token") and token.strip():
                 return token.strip().decode("latin-1")
         elif name == b"x-api-key" and value.strip():
             return value.strip().decode("latin-1")
@@ -280,7 +284,7 @@ class AuthMiddleware:
         access = scope["route_handler"].opt.get(ACCESS_OPT, DEFAULT_ACCESS)
         http = cast("HTTPScope", scope)  # the service has no websocket routes
         # OPTIONS only lists methods, and CORS preflights never carry a key.
-        if access != "open" and http["method"] != "OPTIONS":
+        if access not in ("open", "handler") and http["method"] != "OPTIONS":
             store: KeyStore = scope["litestar_app"].state.services.keys
             scope["auth"] = await store.authorize(http, access)
         await self.app(scope, receive, send)

@@ -109,14 +109,25 @@ class Validator:
         self.max_items = max_items
         self.max_future_skew_s = max_future_skew_s
 
-    def decode(self, body: bytes, content_type: str) -> list[Reading]:
+    def decode(self, body: bytes, content_type: str, device: str | None = None
+               ) -> list[Reading]:
         """Decode and validate a request body.
 
-        Raises MalformedBody, TooManyReadings or InvalidItems.
+        Raises MalformedBody, TooManyReadings or InvalidItems. `device` is the device of
+        items that name none (MQTT: the device of the topic).
         """
         ndjson = content_type == "application/x-ndjson"
         items = self._decode_ndjson(body) if ndjson else self._decode_json(body)
+        injected = 0
+        if device is not None:
+            for item in items:
+                if isinstance(item, dict) and "device" not in item:
+                    item["device"] = device
+                    injected += 1
         readings, pairs = self._validate(items)
+        # An injected device's key and colons are not in the body.
+        if device is not None:
+            pairs -= injected * (1 + device.count(":"))
         if pairs != _raw_pairs(body):
             _refuse_duplicate_keys(body, ndjson)
         return readings
@@ -152,6 +163,10 @@ class Validator:
                 raise MalformedBody(f"malformed JSON on line {number}: nested too deeply"
                                     ) from None
         return items
+
+    def validate(self, items: list[Any]) -> list[Reading]:
+        """Check decoded items (line protocol's points); all valid, or InvalidItems."""
+        return self._validate(items)[0]
 
     def _validate(self, items: list[Any]) -> tuple[list[Reading], int]:
         """The readings, and the count `_raw_pairs` gives for their JSON if no key repeats."""

@@ -76,6 +76,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # /metrics without a key (for scrapers on a trusted network).
     metrics_open: bool = False
 
+    # InfluxDB line protocol: the tag that holds the device id.
+    lp_device_tag: str = "device"
+
+    # MQTT: off unless a URL is given (mqtt://[user:password@]host:port).
+    mqtt_url: str = ""
+    mqtt_topics: str = "vitals/+/readings"  # comma-separated; the `+` level is the device id
+    mqtt_group: str = "vitalstore"  # shared subscription group: $share/<group>/<topic>
+    mqtt_client_id: str = ""  # default: vitalstore-<host name>-<port>[-<worker>]
+    mqtt_dead_letter: str = "vitals-errors/{device}"
+    # Messages the broker may send before acknowledgements (MQTT 5 receive maximum): what
+    # one process holds at most; unacknowledged messages stop the flow.
+    mqtt_receive_maximum: int = 200
+    mqtt_session_expiry_s: int = 86_400
+
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
 

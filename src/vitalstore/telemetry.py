@@ -161,6 +161,19 @@ class Telemetry:
             "vitalstore_policy_failures", "Failed runs of a vitalstore policy job as TimescaleDB"
             " counts them, by table and policy", ["table", "policy"],
             multiprocess_mode="mostrecent", registry=registry)
+        self.mqtt_messages = Counter(
+            "vitalstore_mqtt_messages", "MQTT messages by outcome: taken (received),"
+            " committed (acknowledged after commit), dead_lettered (refused, acknowledged)",
+            ["outcome"], registry=registry)
+        self.mqtt_reconnects = Counter(
+            "vitalstore_mqtt_reconnects", "MQTT connection attempts after the first",
+            registry=registry)
+        self.mqtt_connected = Gauge(
+            "vitalstore_mqtt_connected", "Connected to the MQTT broker (1) or not (0)",
+            multiprocess_mode="livesum", registry=registry)
+        self.mqtt_unacknowledged = Gauge(
+            "vitalstore_mqtt_unacknowledged", "MQTT messages taken, not yet acknowledged",
+            multiprocess_mode="livesum", registry=registry)
         # The hot path adds to plain ints; publish() moves them to the (memory-mapped, in
         # multiprocess mode: ~2 us an increment) prometheus values once a second.
         self._answers: collections.Counter[tuple[str, str, int]] = collections.Counter()

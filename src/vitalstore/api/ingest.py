@@ -22,11 +22,9 @@ from vitalstore.api.responses import (
     errors,
 )
 from vitalstore.auth import forbid_outside_prefix, requires
-from vitalstore.database import CONNECTION_ERRORS
 from vitalstore.keys import ApiKey
-from vitalstore.problems import BodyProblem, InvalidItems, Problem, RetryLater, Unavailable
+from vitalstore.problems import BodyProblem, InvalidItems, Problem, RetryLater
 from vitalstore.services import Services
-from vitalstore.writer import to_rows
 
 
 class Accepted(msgspec.Struct):
@@ -112,14 +110,7 @@ async def ingest(request: Request[Any, ApiKey, Any], services: Services) -> int:
             return 0
         # Before ids are resolved: a refused request must not even register its devices.
         forbid_outside_prefix(request.auth, (r.device for r in readings))
-        try:
-            device_ids = await services.device_ids.ids(
-                services.pool, {r.device for r in readings}, create=True)
-            metric_ids = await services.metric_ids.ids(
-                services.pool, {name for r in readings for name, _ in r.metrics}, create=True)
-        except CONNECTION_ERRORS as exc:
-            raise Unavailable("database unavailable") from exc
-        rows = to_rows(readings, device_ids, metric_ids)
+        rows = await services.rows(readings)
     finally:
         batcher.leave()
     await batcher.submit(rows)

@@ -66,14 +66,18 @@ async def ready(state: State) -> Response[dict[str, Any]]:
         problems.append("ingest buffer full")
     if not services.batcher.available:
         problems.append("writer not connected")
+    mqtt = services.mqtt
+    if mqtt is not None:
+        problems += mqtt.problems()
     # A failing policy is a warning, not a problem: readings are still taken and kept.
     reachable = not any(problem.startswith("database:") for problem in problems)
     warnings = _warnings(services, await _policies(services) if reachable else None)
+    extra = {} if mqtt is None else {"mqtt": mqtt.state()}
     if problems:
-        return Response({"status": "unavailable", "problems": problems, "warnings": warnings},
-                        status_code=503, headers={"Retry-After": "1"})
+        return Response({"status": "unavailable", "problems": problems, "warnings": warnings,
+                         **extra}, status_code=503, headers={"Retry-After": "1"})
     body: dict[str, Any] = {"status": "ready", "buffered": services.batcher.buffered,
-                            "schema": schema}
+                            "schema": schema, **extra}
     if warnings:
         body["warnings"] = warnings
     return Response(body)
