@@ -16,18 +16,26 @@ import pytest
 from influxdb_client import InfluxDBClient, Point, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS, WriteOptions
 
-from conftest import Server
+from conftest import ROOT, free_port
+from harness import Service
 from vitalstore import keys
 
 NOW = int(time.time()) - 3600
 NOW_NS = NOW * 1_000_000_000
 
 
+def serve(db_url: str, headers: dict[str, str], ready_path: str = "/ready", **env: str
+          ) -> Service:
+    """`vitalstore serve` in its own process group (call `.start()`); stopped by the caller."""
+    return Service(db_url, env, name="server", port=free_port(), headers=dict(headers),
+                   log_dir=ROOT / ".pytest_cache", log_level=None, ready_path=ready_path)
+
+
 @pytest.fixture(scope="module")
-def server(db_url: str, api_headers: dict[str, str]) -> Iterator[Server]:
-    server = Server(db_url, api_headers).start()
+def server(db_url: str, api_headers: dict[str, str]) -> Iterator[Service]:
+    server = serve(db_url, api_headers).start()
     yield server
-    server.stop()
+    server.stop(graceful=False)
 
 
 @pytest.fixture(scope="module")
