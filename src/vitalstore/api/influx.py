@@ -16,7 +16,13 @@ from litestar import Request, Response, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, RequestBody, Schema
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    RequestBody,
+    Schema,
+)
 from litestar.params import QueryParameter
 
 from vitalstore.api.common import services_of
@@ -51,6 +57,9 @@ class LineProtocolOperation(RetryAfterOperation):
         self.request_body = RequestBody(
             required=True, description="InfluxDB line protocol, one point a line; gzip accepted",
             content={"text/plain": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))})
+        stored = (self.responses or {}).get("204")
+        if isinstance(stored, OpenAPIResponse):
+            stored.content = None  # 204 has no body (Litestar would declare a JSON one)
         super().__post_init__()
 
 
