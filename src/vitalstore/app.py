@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 device_ids=NameIds("devices"),
                 metric_ids=NameIds("metrics"),
                 schema_head=schema_head(),
-                keys=auth.KeyStore(pool, settings),
+                keys=auth.KeyStore(pool, settings, rate_limited=app_metrics.rate_limited),
                 metrics=app_metrics,
             )
             maintenance = Maintenance(settings, pool)

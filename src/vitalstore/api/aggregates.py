@@ -16,6 +16,7 @@ from vitalstore.api.common import (
     bad_query,
     error,
     query_names,
+    query_text,
     query_time,
     services_of,
 )
@@ -95,16 +96,16 @@ async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
     services = services_of(state)
     try:
         spec, start, end = _range(bucket, from_, to)
+        visible = request.auth.covers(query_text("device", device))
+        names = query_names("metrics", metrics) if metrics else None
     except BadQuery as exc:
         return bad_query(exc)
     # Outside the key's prefix: the same 404 as an unknown device, no hint that it exists.
-    found = (await queries.find_device(services.pool, device)
-             if request.auth.covers(device) else None)
+    found = await queries.find_device(services.pool, device) if visible else None
     if found is None:
         return error(404, f"unknown device {device!r}")
     metric_ids = None
-    if metrics:
-        names = query_names(metrics)
+    if names is not None:
         metric_ids = sorted((await services.metric_ids.ids(
             services.pool, names, create=False)).values())
     try:
@@ -132,12 +133,13 @@ async def fleet_aggregates(request: Request[Any, ApiKey, Any], state: State,
     try:
         if not metric:
             raise BadQuery("metric", "required")
+        query_text("metric", metric)
         spec, start, end = _range(bucket, from_, to)
+        # Only the key's devices count: the narrower of its prefix and the one asked for.
+        visible = effective_prefix(request.auth, prefix and query_text("prefix", prefix))
     except BadQuery as exc:
         return bad_query(exc)
     known = await services.metric_ids.ids(services.pool, [metric], create=False)
-    # Only the key's devices count: the narrower of its prefix and the one asked for.
-    visible = effective_prefix(request.auth, prefix)
     rows = []
     if metric in known and visible is not None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -16,23 +16,30 @@ from litestar.response import Stream
 
 from vitalstore import queries
 from vitalstore.api.common import (
+    UNSTORABLE,
     BadQuery,
     bad_query,
     error,
     query_int,
     query_names,
+    query_text,
     query_time,
     services_of,
 )
-from vitalstore.api.responses import CompatError, RetryAfterOperation, errors
+from vitalstore.api.responses import CompatOrAuthError, RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
 from vitalstore.keys import ApiKey
-from vitalstore.queries import BadCursor, decode_cursor, encode_cursor
-from vitalstore.readings import datetime_to_rfc3339
+from vitalstore.queries import (
+    EARLIEST,
+    LATEST,
+    BadCursor,
+    decode_name_cursor,
+    decode_time_cursor,
+    encode_cursor,
+)
+from vitalstore.readings import datetime_to_rfc3339, storable
 from vitalstore.services import Services
 
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 EXPORT_PAGE = 1000
 
 OptionalQuery = Annotated[str | None, QueryParameter(required=False)]
@@ -87,9 +94,23 @@ def _cursor(value: str | None) -> str | None:
     if value is None or value == "":
         return None
     try:
-        return decode_cursor(value)
+        return decode_name_cursor(value)
     except BadCursor:
         raise BadQuery("cursor", "invalid cursor") from None
+
+
+def _time_cursor(value: str | None) -> datetime | None:
+    if value is None or value == "":
+        return None
+    try:
+        return decode_time_cursor(value)
+    except BadCursor:
+        raise BadQuery("cursor", "invalid cursor") from None
+
+
+def _device(request: KeyedRequest, device: str) -> bool:
+    """Whether the key may see this device id; raises BadQuery for text PostgreSQL refuses."""
+    return request.auth.covers(query_text("device", device))
 
 
 async def _device_page(services: Services, prefix: str, size: int, after: str | None
@@ -115,9 +136,9 @@ async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuer
     try:
         size = query_int("limit", limit, 100, 1, 1000)
         after = _cursor(cursor)
+        visible = effective_prefix(request.auth, prefix and query_text("prefix", prefix))
     except BadQuery as exc:
         return bad_query(exc)
-    visible = effective_prefix(request.auth, prefix)
     if visible is None:
         return Response({"items": [], "next_cursor": None})  # type: ignore[arg-type]
     found, next_cursor = await _device_page(services, visible, size, after)
@@ -132,7 +153,11 @@ async def device_latest(request: KeyedRequest, state: State, device: DeviceId
                         ) -> Response[LatestObject]:
     # Outside the key's prefix answers as an unknown device: no hint that it exists.
     pool = services_of(state).pool
-    found = await queries.latest(pool, [device]) if request.auth.covers(device) else []
+    try:
+        visible = _device(request, device)
+    except BadQuery as exc:
+        return bad_query(exc)
+    found = await queries.latest(pool, [device]) if visible else []
     if not found:
         return error(404, f"unknown device {device!r}")
     return Response(found[0])  # type: ignore[arg-type]
@@ -150,7 +175,11 @@ async def bulk_latest(request: KeyedRequest, state: State,
     if device:
         if len(device) > 1000:
             return error(422, "at most 1000 device ids", parameter="device")
-        items = await queries.latest(services.pool, sorted({d for d in device if key.covers(d)}))
+        try:
+            names = sorted({d for d in device if _device(request, d)})
+        except BadQuery as exc:
+            return bad_query(exc)
+        items = await queries.latest(services.pool, names)
         return Response({"items": items, "next_cursor": None})  # type: ignore[arg-type]
     try:
         size = query_int("limit", limit, 100, 1, 1000)
@@ -179,7 +208,7 @@ async def _history_query(services: Services, device_id: int, from_: str | None,
         raise BadQuery("order", "must be asc or desc")
     metric_ids = None
     if metrics:
-        names = query_names(metrics)
+        names = query_names("metrics", metrics)
         known = await services.metric_ids.ids(services.pool, names, create=False)
         metric_ids = {metric_id: name for name, metric_id in known.items()}
     return _HistoryQuery(device_id, start, end, metric_ids, order == "desc")
@@ -213,19 +242,19 @@ async def device_readings(
     limit: OptionalQuery = None, cursor: OptionalQuery = None,
 ) -> Response[HistoryPage] | Stream:
     services = services_of(state)
-    found = (await queries.find_device(services.pool, device)
-             if request.auth.covers(device) else None)
+    try:
+        visible = _device(request, device)
+    except BadQuery as exc:
+        return bad_query(exc)
+    found = await queries.find_device(services.pool, device) if visible else None
     if found is None:
         return error(404, f"unknown device {device!r}")
     try:
         q = await _history_query(services, found.id, from_, to, metrics, order)
         size = query_int("limit", limit, 1000, 1, 10_000)
-        after_text = _cursor(cursor)
-        after = datetime.fromisoformat(after_text) if after_text else None
+        after = _time_cursor(cursor)
     except BadQuery as exc:
         return bad_query(exc)
-    except ValueError:
-        return error(422, "cursor: invalid cursor", parameter="cursor")
     accept = request.headers.get("accept", "")
     if "application/x-ndjson" in accept:
         return Stream(_export_ndjson(services, q), media_type="application/x-ndjson")
@@ -279,7 +308,7 @@ async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str
 
 @get("/vital-data", summary="Compatibility: devices with their latest values (old API)",
      operation_class=RetryAfterOperation,
-     responses=errors(400, 401, 403, 422, 503, s400=CompatError),
+     responses=errors(400, 401, 403, 422, 503, s400=CompatOrAuthError),
      **requires("read"))
 async def get_vital_data(
     request: KeyedRequest, state: State, count: OptionalQuery = None,
@@ -294,6 +323,8 @@ async def get_vital_data(
         return _compat_error(str(exc))
     if order_by not in (None, "", "asc", "desc"):
         return _compat_error("orderBy: must be asc or desc")
+    if sort_by and not storable(sort_by):
+        return _compat_error(f"sortBy: {UNSTORABLE}")
     total, resources = await queries.compat_page(
         services_of(state).pool, sort_by=sort_by or "timestamp",
         descending=order_by != "asc", count=size, offset=skip, prefix=request.auth.prefix)
