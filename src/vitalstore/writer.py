@@ -16,6 +16,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # pg_terminate_backend, shutdown
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.InterfaceError,
+    # "cannot switch to state 11; another operation is in progress": asyncpg's own state of a
+    # connection whose backend was terminated mid-query (seen under pg_terminate_backend).
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
