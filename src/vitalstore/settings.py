@@ -75,6 +75,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     auth_cache_s: float = 5.0
     # /metrics without a key (for scrapers on a trusted network).
     metrics_open: bool = False
+    # Requests a second per key in each process (0: no limit), and the burst allowed at once
+    # (0: one second's worth).
+    key_rate_limit: float = 0.0
+    key_rate_burst: int = 0
 
     # InfluxDB line protocol: the tag that holds the device id.
     lp_device_tag: str = "device"
@@ -97,6 +101,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("chunk_interval", "columnstore_after", "retention_raw", "retention_1m",
                      "retention_1h", "retention_1d"):
             parse_duration(getattr(self, name))
+        if self.key_rate_limit < 0 or self.key_rate_burst < 0:
+            raise ValueError("key_rate_limit and key_rate_burst must not be negative")
         if self.buffer_max_readings < self.max_items:
             raise ValueError("buffer_max_readings must be at least max_items")
 

@@ -84,7 +84,7 @@ async def ready(state: State) -> Response[dict[str, Any]]:
 
 
 @get("/metrics", summary="Prometheus metrics (text format)", media_type=CONTENT_TYPE_LATEST,
-     **METRICS)
+     operation_class=RetryAfterOperation, responses=errors(401, 403), **METRICS)
 async def metrics_route(state: State) -> Response[bytes]:
     services = services_of(state)
     telemetry: Telemetry = services.telemetry
