@@ -113,6 +113,24 @@ async def client(settings: Settings, api_headers: dict[str, str]
         yield test_client
 
 
+@pytest.fixture(scope="module")
+async def admin_db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A module-wide connection (hypothesis tests cannot take function-scoped fixtures)."""
+    conn = await asyncpg.connect(db_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="module")
+def make_key(admin_db: asyncpg.Connection) -> Any:
+    """Creates a key in the module's database; returns the key."""
+    async def make(scopes: str, prefix: str | None = None) -> str:
+        key, _ = await keys.create(admin_db, f"k-{uuid.uuid4().hex[:10]}",
+                                   keys.parse_scopes(scopes), prefix)
+        return key
+    return make
+
+
 @pytest.fixture
 async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A direct connection to the module's database, to check what is really stored."""

@@ -23,33 +23,12 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import auth_headers as bearer
 from support import NOW, post, run_cli
-from vitalstore import auth, keys
+from vitalstore import auth, keys, logs
 from vitalstore.app import create_app
 from vitalstore.auth import effective_prefix
 from vitalstore.keys import ApiKey
-
-
-@pytest.fixture(scope="module")
-async def admin_db(db_url: str) -> Any:
-    """A module-wide connection (hypothesis tests cannot take function-scoped fixtures)."""
-    conn = await asyncpg.connect(db_url)
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture(scope="module")
-def make_key(admin_db: asyncpg.Connection) -> Any:
-    """Creates a key in the module's database; returns the key."""
-    async def make(scopes: str, prefix: str | None = None) -> str:
-        key, _ = await keys.create(admin_db, f"k-{uuid.uuid4().hex[:10]}",
-                                   keys.parse_scopes(scopes), prefix)
-        return key
-    return make
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def without_key(client: Any, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -399,12 +378,14 @@ async def test_admin_routes_create_list_and_revoke(client):
     assert created["prefix"] == "ward-3:" and keys.KEY_FORMAT.match(created["key"])
     listing = (await client.get("/v1/keys")).json()["items"]
     mine = [item for item in listing if item["name"] == name]
-    assert mine == [{"name": name, "scopes": ["ingest", "read"], "prefix": "ward-3:",
+    assert mine == [{"id": created["id"], "name": name, "scopes": ["ingest", "read"],
+                     "prefix": "ward-3:",
                      "created_at": mine[0]["created_at"], "revoked_at": None}]
     hashed = hashlib.sha256(created["key"].encode()).hexdigest()
     text = str(listing)
     assert created["key"] not in text and hashed not in text
-    duplicate = await client.post("/v1/keys", json={"name": name, "scopes": ["read"]})
+    duplicate = await client.post("/v1/keys", json={"name": name, "scopes": ["read"],
+                                                    "prefix": "ward-3:"})
     assert duplicate.status_code == 422
     for bad in ({"name": "x", "scopes": ["write"]}, {"name": "x", "scopes": []},
                 {"name": "bad name", "scopes": ["read"]},
@@ -417,7 +398,7 @@ async def test_admin_routes_create_list_and_revoke(client):
 
 async def test_prefix_bound_admin_manages_only_keys_within_its_prefix(client, make_key):
     tag = uuid.uuid4().hex[:6]
-    admin = bearer(await make_key("admin", f"{tag}-ward-1"))
+    admin = bearer(await make_key("admin,read", f"{tag}-ward-1"))
     inside = await client.post("/v1/keys", headers=admin, json={
         "name": f"{tag}-in", "scopes": ["read"], "prefix": f"{tag}-ward-1:bed"})
     assert inside.status_code == 201
@@ -475,7 +456,7 @@ async def test_failure_log_is_rate_limited(client, caplog):
             await client.get("/v1/devices", headers=bearer(keys.generate()))
     assert await failures(client, "unknown") == before + 40
     lines = [r for r in caplog.records if "authentication failed" in r.getMessage()]
-    assert len(lines) <= 2 * auth.LOG_PER_SECOND
+    assert len(lines) <= 2 * logs.LOG_PER_SECOND
 
 
 @get("/probe-metrics", **auth.METRICS)
@@ -515,7 +496,7 @@ async def test_cli_create_list_revoke(client, db_url, admin_db):
     assert hashlib.sha256(key.encode()).hexdigest()[:16] not in listed.stdout
 
     again = await asyncio.to_thread(run_cli, db_url, "keys", "create", "--name", name,
-                                    "--scope", "read")
+                                    "--scope", "read", "--prefix", "ward-4:")
     assert again.returncode != 0 and "exists" in again.stderr
     bad = await asyncio.to_thread(run_cli, db_url, "keys", "create", "--name", "z",
                                   "--scope", "write")

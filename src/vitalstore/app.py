@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 device_ids=NameIds("devices"),
                 metric_ids=NameIds("metrics"),
                 schema_head=database.schema_head(),
-                keys=auth.KeyStore(pool, settings),
+                keys=auth.KeyStore(pool, settings, rate_limited=app_telemetry.rate_limited),
                 telemetry=app_telemetry,
             )
             maintenance = Maintenance(settings, pool)

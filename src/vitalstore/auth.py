@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Iterable
 from typing import Any, Final, cast
@@ -27,10 +28,12 @@ from typing import Any, Final, cast
 import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import (
+    ClientException,
     HTTPException,
     NotAuthorizedException,
     PermissionDeniedException,
     ServiceUnavailableException,
+    TooManyRequestsException,
 )
 from litestar.openapi.spec import Components, Reference, SecurityRequirement, SecurityScheme
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
@@ -38,12 +41,14 @@ from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 from vitalstore import keys
 from vitalstore.database import CONNECTION_ERRORS
 from vitalstore.keys import KEY_FORMAT, SCOPES, ApiKey, Revoked
+from vitalstore.logs import client_error
 from vitalstore.settings import Settings
 from vitalstore.telemetry import AUTH_FAILURES
 
 log = logging.getLogger(__name__)
 
-# What a route needs: "open", a scope, or "metrics" (read scope unless VITALSTORE_METRICS_OPEN).
+# What a route needs: "open", a scope, or "metrics" (a `read` or `admin` key bound to no
+# prefix, unless VITALSTORE_METRICS_OPEN: the counters are fleet-wide).
 ACCESS_OPT: Final = "access"
 DEFAULT_ACCESS: Final = "admin"
 
@@ -56,8 +61,6 @@ MAX_REFUSED: Final = 10_000
 # read pool to the API.
 LOOKUP_CONCURRENCY: Final = 2
 LOOKUP_TIMEOUT_S: Final = 5.0
-# Failure log lines per second; the rest are counted and summed up in the next line.
-LOG_PER_SECOND: Final = 10
 
 UNRESTRICTED: Final = ApiKey("auth-disabled", frozenset(SCOPES), "")
 
@@ -69,6 +72,7 @@ _MESSAGES = {
     "unknown": "invalid API key",
     "revoked": "API key revoked",
 }
+_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 
 SECURITY_SCHEMES: Final[dict[str, SecurityScheme | Reference]] = {
     "bearer": SecurityScheme(type="http", scheme="bearer",
@@ -106,44 +110,35 @@ def forbid_outside_prefix(key: ApiKey, devices: Iterable[str]) -> None:
     outside = {device for device in devices if not device.startswith(key.prefix)}
     if outside:
         AUTH_FAILURES["prefix"] += 1
-        log.warning("write refused: key %r (prefix %r) sent %d device(s) outside its prefix",
-                    key.name, key.prefix, len(outside))
+        client_error(log, "write refused: key %s (prefix %r) sent %d device(s) outside its"
+                     " prefix", key, key.prefix, len(outside))
         raise PermissionDeniedException(
             f"this key may write only devices whose id starts with {key.prefix!r};"
             f" {min(outside)!r} does not")
 
 
+class AmbiguousCredentials(Exception):
+    """More than one `Authorization` or `X-API-Key` header."""
+
+
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The key from `Authorization: Bearer` or `X-API-Key` (never from the URL)."""
-    for name, value in headers:
+    """The key from `Authorization: Bearer` or `X-API-Key` (never from the URL).
+
+    Raises AmbiguousCredentials when the request carries more than one of those headers
+    (equal or not), or one holding a list (`a, b`: how proxies join repeated headers; no key
+    has a comma): a proxy in front may check another one than the service would read.
+    """
+    found = [(name, value) for name, value in headers if name in _CREDENTIAL_HEADERS]
+    if len(found) > 1 or (found and b"," in found[0][1]):
+        raise AmbiguousCredentials
+    for name, value in found:
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 return token.strip().decode("latin-1")
-        elif name == b"x-api-key" and value.strip():
+        elif value.strip():
             return value.strip().decode("latin-1")
     return None
-
-
-class _FailureLog:
-    """Failure log lines, at most LOG_PER_SECOND a second: a flood must not flood the log."""
-
-    def __init__(self) -> None:
-        self._window = 0.0
-        self._logged = 0
-        self._suppressed = 0
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._window >= 1.0:
-            if self._suppressed:
-                log.warning("%d more access failures not logged", self._suppressed)
-            self._window, self._logged, self._suppressed = now, 0, 0
-        if self._logged < LOG_PER_SECOND:
-            self._logged += 1
-            log.warning(message, *args)
-        else:
-            self._suppressed += 1
 
 
 def _remember(cache: collections.OrderedDict[bytes, Any], digest: bytes, value: Any,
@@ -156,12 +151,43 @@ def _remember(cache: collections.OrderedDict[bytes, Any], digest: bytes, value: 
         cache.popitem(last=False)
 
 
+class KeyRateLimit:
+    """A token bucket per key (by id) in this process: `rate` requests a second, `burst` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst or max(1, math.ceil(rate))
+        self._buckets: dict[int, tuple[float, float]] = {}  # key id -> (tokens, when)
+
+    def wait_s(self, key_id: int) -> float:
+        """0 if the key may make a request now (and takes a token), else seconds to wait."""
+        now = time.monotonic()
+        tokens, then = self._buckets.get(key_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if len(self._buckets) >= MAX_VALID and key_id not in self._buckets:
+            self._forget_idle(now)
+        if tokens >= 1:
+            self._buckets[key_id] = (tokens - 1, now)
+            return 0.0
+        self._buckets[key_id] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+    def _forget_idle(self, now: float) -> None:
+        # A bucket that has filled up again is the same as none: memory stays bounded.
+        full_after = self.burst / self.rate
+        for key_id in [k for k, (_, then) in self._buckets.items() if now - then >= full_after]:
+            del self._buckets[key_id]
+
+
 class KeyStore:
     """Verifies keys: a cache of verified (and refused) keys for `auth_cache_s` seconds."""
 
     def __init__(self, pool: asyncpg.Pool, settings: Settings, *,
-                 max_refused: int = MAX_REFUSED) -> None:
+                 max_refused: int = MAX_REFUSED,
+                 rate_limited: collections.Counter[tuple[str, int]] | None = None) -> None:
         self._pool = pool
+        # 429s by key (name, id): the app's Telemetry publishes them.
+        self.rate_limited = collections.Counter() if rate_limited is None else rate_limited
         self._max_refused = max_refused
         self._ttl = settings.auth_cache_s
         self.required = settings.auth == "required"
@@ -172,18 +198,29 @@ class KeyStore:
             collections.OrderedDict())
         self._inflight: dict[bytes, asyncio.Task[ApiKey | Revoked | None]] = {}
         self._lookup_slots = asyncio.Semaphore(LOOKUP_CONCURRENCY)
-        self._log_failure = _FailureLog()
+        self._rate_limit = (KeyRateLimit(settings.key_rate_limit, settings.key_rate_burst)
+                            if settings.key_rate_limit > 0 else None)
         self.lookups = 0  # database lookups made, for tests and metrics
+        self.lookups_peak = 0  # most lookups at once (at most LOOKUP_CONCURRENCY)
+        self._lookups_running = 0
         if not self.required:
             # Logged at every start, on purpose: it must not be left on by accident.
             log.warning("VITALSTORE_AUTH=disabled: every request is served without an API key;"
                         " for local experiments only")
 
     async def authorize(self, scope: HTTPScope, access: str) -> ApiKey:
-        """The request's key if it may do `access`; raises 401 or 403 otherwise."""
+        """The request's key if it may do `access`; raises 400, 401, 403 or 429 otherwise."""
         if not self.required or (access == "metrics" and self.metrics_open):
             return UNRESTRICTED
-        token = bearer_token(scope["headers"])
+        try:
+            token = bearer_token(scope["headers"])
+        except AmbiguousCredentials:
+            AUTH_FAILURES["ambiguous"] += 1
+            client_error(log, "authentication refused (ambiguous): several credential headers,"
+                         " %s %s", scope["method"], scope["path"])
+            raise ClientException(
+                "send one API key, in one 'Authorization: Bearer' or one 'X-API-Key' header"
+            ) from None
         if token is None:
             raise self._refuse(scope, "missing")
         digest = keys.digest(token)
@@ -193,16 +230,45 @@ class KeyStore:
             key = cached[1]
         else:
             key = await self.verify(token, digest, scope)
-        needed = "read" if access == "metrics" else access
-        if needed not in key.scopes:
-            AUTH_FAILURES["scope"] += 1
-            self._log_failure("access refused: key %r lacks scope %r for %s %s",
-                              key.name, needed, scope["method"], scope["path"])
-            raise PermissionDeniedException(
-                f"this key lacks the {needed!r} scope",
-                headers={"WWW-Authenticate": _CHALLENGE + f', error="insufficient_scope",'
-                         f' scope="{needed}"'})
+        if self._rate_limit is not None:
+            self._limit_rate(key, self._rate_limit)
+        if access == "metrics":
+            self._check_metrics_access(key, scope)
+        elif access not in key.scopes:
+            raise self._lacks_scope(key, access, scope)
         return key
+
+    def _lacks_scope(self, key: ApiKey, needed: str, scope: HTTPScope
+                     ) -> PermissionDeniedException:
+        AUTH_FAILURES["scope"] += 1
+        client_error(log, "access refused: key %s lacks scope %r for %s %s",
+                     key, needed, scope["method"], scope["path"])
+        return PermissionDeniedException(
+            f"this key lacks the {needed!r} scope",
+            headers={"WWW-Authenticate": _CHALLENGE + f', error="insufficient_scope",'
+                     f' scope="{needed}"'})
+
+    def _check_metrics_access(self, key: ApiKey, scope: HTTPScope) -> None:
+        """The counters are fleet-wide: a key bound to a prefix must not read them."""
+        if "read" not in key.scopes and "admin" not in key.scopes:
+            raise self._lacks_scope(key, "read", scope)
+        if key.prefix:
+            AUTH_FAILURES["prefix"] += 1
+            client_error(log, "access refused: key %s (prefix %r) asked for %s",
+                         key, key.prefix, scope["path"])
+            raise PermissionDeniedException(
+                "metrics are fleet-wide: they need a 'read' or 'admin' key bound to no prefix")
+
+    def _limit_rate(self, key: ApiKey, limit: KeyRateLimit) -> None:
+        wait = limit.wait_s(key.id)
+        if wait:
+            self.rate_limited[key.name, key.id] += 1
+            retry_after = max(1, math.ceil(wait))
+            client_error(log, "rate limit: key %s over %g requests/s", key, limit.rate)
+            raise TooManyRequestsException(
+                f"over this key's rate limit of {limit.rate:g} requests a second (bursts of"
+                f" {limit.burst}); retry after {retry_after} s",
+                headers={"Retry-After": str(retry_after)})
 
     async def verify(self, token: str, digest: bytes, scope: HTTPScope) -> ApiKey:
         """The key (not found in the cache of verified keys) if it is valid; else 401."""
@@ -225,9 +291,9 @@ class KeyStore:
     def refused_cached(self) -> int:
         return len(self._refused)
 
-    def forget(self, name: str) -> None:
+    def forget(self, key_id: int) -> None:
         """Drop a key from this process's cache at once (it was revoked here)."""
-        for digest in [d for d, (_, key) in self._valid.items() if key.name == name]:
+        for digest in [d for d, (_, key) in self._valid.items() if key.id == key_id]:
             del self._valid[digest]
 
     async def _lookup(self, digest: bytes) -> ApiKey | Revoked | None:
@@ -247,6 +313,8 @@ class KeyStore:
     async def _fetch(self, digest: bytes) -> ApiKey | Revoked | None:
         async with self._lookup_slots:
             self.lookups += 1
+            self._lookups_running += 1
+            self.lookups_peak = max(self.lookups_peak, self._lookups_running)
             try:
                 async with asyncio.timeout(LOOKUP_TIMEOUT_S):
                     return await keys.find(self._pool, digest)
@@ -255,16 +323,18 @@ class KeyStore:
                 raise ServiceUnavailableException(
                     "cannot verify the API key: database unavailable",
                     headers={"Retry-After": "1"}) from None
+            finally:
+                self._lookups_running -= 1
 
     def _refuse(self, scope: HTTPScope, reason: str, digest: bytes = b"",
                 revoked: Revoked | None = None) -> NotAuthorizedException:
         AUTH_FAILURES[reason] += 1
-        # Never the key: the name of a revoked one, else a fingerprint of its hash.
-        who = (f"key {revoked.name!r}" if revoked
+        # Never the key: the name and id of a revoked one, else a fingerprint of its hash.
+        who = (f"key {revoked}" if revoked
                else f"key sha256:{digest.hex()[:12]}" if digest else "no key")
         client = scope.get("client") or ("?", 0)
-        self._log_failure("authentication failed (%s): %s, %s %s from %s", reason, who,
-                          scope["method"], scope["path"], client[0])
+        client_error(log, "authentication failed (%s): %s, %s %s from %s", reason, who,
+                     scope["method"], scope["path"], client[0])
         return NotAuthorizedException(
             _MESSAGES[reason],
             headers={"WWW-Authenticate": _CHALLENGE} if reason == "missing" else _INVALID)
@@ -291,5 +361,5 @@ def _error_response(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
 
 
 # The project's error shape (`{"error": ...}`) for what the middleware raises.
-EXCEPTION_HANDLERS: Final = {401: _error_response, 403: _error_response, 404: _error_response,
-                              503: _error_response}
+EXCEPTION_HANDLERS: Final = {400: _error_response, 401: _error_response, 403: _error_response,
+                              404: _error_response, 429: _error_response, 503: _error_response}

@@ -15,7 +15,7 @@ import asyncpg
 
 from vitalstore import keys, logs, telemetry
 from vitalstore.database import NotDurable, alembic_config, check_durability
-from vitalstore.problems import InvalidKeySpec
+from vitalstore.problems import AmbiguousName, InvalidKeySpec
 from vitalstore.readings import parse_time
 from vitalstore.settings import Settings
 
@@ -130,6 +130,7 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     keys_commands.add_parser("list", help="keys and their scopes (never the keys)")
     revoke = keys_commands.add_parser("revoke", help="revoke the active key of that name")
     revoke.add_argument("name")
+    revoke.add_argument("--id", type=int, help="which one, when several keys have the name")
     local = keys_commands.add_parser(
         "local-admin", help=f"create (or reuse) a key named {LOCAL_ADMIN!r} kept in a file")
     local.add_argument("--file", type=Path, default=Path(".vitalstore/admin.key"))
@@ -148,11 +149,12 @@ async def _keys_command(settings: Settings, args: argparse.Namespace) -> None:
         elif args.keys_command == "list":
             _print_keys(await keys.list_all(conn))
         elif args.keys_command == "revoke":
-            if not await keys.revoke(conn, args.name):
+            revoked = await keys.revoke(conn, args.name, key_id=args.id)
+            if revoked is None:
                 raise SystemExit(f"vitalstore: no active key named {args.name!r}")
-            print(f"revoked key {args.name!r}; running servers refuse it within"
+            print(f"revoked key {args.name!r} #{revoked}; running servers refuse it within"
                   f" {settings.auth_cache_s:g} s")
-    except InvalidKeySpec as exc:
+    except (InvalidKeySpec, AmbiguousName) as exc:
         raise SystemExit(f"vitalstore: {exc}") from None
     finally:
         await conn.close()
@@ -163,9 +165,9 @@ def _utc(moment: datetime) -> str:
 
 
 def _print_keys(infos: list[keys.KeyInfo]) -> None:
-    rows = [("NAME", "SCOPES", "PREFIX", "CREATED (UTC)", "REVOKED")]
+    rows = [("NAME", "SCOPES", "PREFIX", "ID", "CREATED (UTC)", "REVOKED")]
     for info in infos:
-        rows.append((info.name, ",".join(info.scopes), info.prefix or "*",
+        rows.append((info.name, ",".join(info.scopes), info.prefix or "*", str(info.id),
                      _utc(info.created_at), _utc(info.revoked_at) if info.revoked_at else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -181,7 +183,9 @@ async def _ensure_local_admin(settings: Settings, current: str) -> str:
             return current
         async with conn.transaction():
             # The file held the only copy of the old key: without it that key is of no use.
-            await keys.revoke(conn, LOCAL_ADMIN)
+            for info in await keys.list_all(conn):
+                if info.name == LOCAL_ADMIN and info.prefix is None and not info.revoked_at:
+                    await keys.revoke(conn, LOCAL_ADMIN, key_id=info.id)
             key, _ = await keys.create(conn, LOCAL_ADMIN, list(keys.SCOPES))
             return key
     finally:

@@ -19,7 +19,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.InterfaceError,
     # A pooled connection that pg_terminate_backend left mid-protocol ("cannot switch to
-    # state 12; another operation is in progress"): gone as well, not a bug of the request.
+    # state 11 (or 12); another operation is in progress"): gone as well, not the request's fault.
     asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,

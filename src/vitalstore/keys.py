@@ -17,7 +17,7 @@ from typing import Any, Final, Literal, TypeAlias
 import asyncpg
 import msgspec
 
-from vitalstore.problems import DuplicateName, InvalidKeySpec
+from vitalstore.problems import AmbiguousName, DuplicateName, InvalidKeySpec
 
 # What a key may do (not ASGI's `Scope`, the request's connection scope).
 KeyScope = Literal["ingest", "read", "admin"]
@@ -36,14 +36,20 @@ class ApiKey(msgspec.Struct, frozen=True):
     name: str
     scopes: frozenset[str]
     prefix: str = ""  # "" covers every device
+    id: int = 0  # never reused, unlike a name: what log lines and rate limits go by
 
     def covers(self, device: str) -> bool:
         return device.startswith(self.prefix)
+
+    def __str__(self) -> str:
+        """How log lines name a key: `'ward-1-gw' #17`."""
+        return f"{self.name!r} #{self.id}"
 
 
 class KeyInfo(msgspec.Struct, frozen=True):
     """A stored key as listed: never the key itself, nor its hash."""
 
+    id: int
     name: str
     scopes: list[str]
     prefix: str | None
@@ -53,6 +59,10 @@ class KeyInfo(msgspec.Struct, frozen=True):
 
 class Revoked(msgspec.Struct, frozen=True):
     name: str
+    id: int
+
+    def __str__(self) -> str:
+        return f"{self.name!r} #{self.id}"
 
 
 def generate() -> str:
@@ -95,37 +105,51 @@ async def create(db: Executor, name: str, scopes: list[str], prefix: str | None 
         row = await db.fetchrow(
             "INSERT INTO api_keys (name, key_hash, scopes, device_prefix)"
             " VALUES ($1, $2, $3, $4)"
-            " RETURNING name, scopes, device_prefix, created_at, revoked_at",
+            " RETURNING id, name, scopes, device_prefix, created_at, revoked_at",
             name, digest(key), [s for s in SCOPES if s in scopes], prefix)
     except asyncpg.UniqueViolationError:
-        raise DuplicateName(f"name: a key named {name!r} exists; revoke it first") from None
+        # Only keys of the very same prefix collide, so an admin bound to a prefix learns
+        # nothing here about keys outside it.
+        raise DuplicateName(f"name: an active key named {name!r} with this prefix exists;"
+                            " revoke it first") from None
     return key, KeyInfo(*row)
 
 
 async def list_all(db: Executor, *, within: str = "") -> list[KeyInfo]:
     """Every key (revoked ones too) whose prefix lies within `within`, by name."""
     rows = await db.fetch(
-        "SELECT name, scopes, device_prefix, created_at, revoked_at FROM api_keys"
+        "SELECT id, name, scopes, device_prefix, created_at, revoked_at FROM api_keys"
         " WHERE starts_with(coalesce(device_prefix, ''), $1)"
         " ORDER BY name, created_at",
         within)
     return [KeyInfo(*row) for row in rows]
 
 
-async def revoke(db: Executor, name: str, *, within: str = "") -> bool:
-    """Revoke the active key of that name (within a prefix); False if there is none."""
+async def revoke(db: Executor, name: str, *, within: str = "", key_id: int | None = None
+                 ) -> int | None:
+    """Revoke the active key of that name (within a prefix, of that id if given).
+
+    Returns its id, or None if there is none; raises AmbiguousName if several match.
+    """
+    rows = await db.fetch(
+        "SELECT id FROM api_keys WHERE name = $1 AND revoked_at IS NULL"
+        " AND starts_with(coalesce(device_prefix, ''), $2) AND ($3::int4 IS NULL OR id = $3)"
+        " ORDER BY id",
+        name, within, key_id)
+    if len(rows) > 1:
+        raise AmbiguousName(name, [row["id"] for row in rows])
+    if not rows:
+        return None
     done: Any = await db.fetchval(
-        "UPDATE api_keys SET revoked_at = now()"
-        " WHERE name = $1 AND revoked_at IS NULL"
-        " AND starts_with(coalesce(device_prefix, ''), $2) RETURNING true",
-        name, within)
-    return bool(done)
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL"
+        " RETURNING id", rows[0]["id"])
+    return int(done) if done is not None else None
 
 
 async def find(db: Executor, key_digest: bytes) -> ApiKey | Revoked | None:
     """The key with this SHA-256, or Revoked, or None."""
     row = await db.fetchrow(
-        "SELECT name, key_hash, scopes, device_prefix, revoked_at FROM api_keys"
+        "SELECT id, name, key_hash, scopes, device_prefix, revoked_at FROM api_keys"
         " WHERE key_hash = $1",
         key_digest)
     # The index lookup can only leak timing about a hash, which tells nothing about a key
@@ -133,8 +157,8 @@ async def find(db: Executor, key_digest: bytes) -> ApiKey | Revoked | None:
     if row is None or not hmac.compare_digest(row["key_hash"], key_digest):
         return None
     if row["revoked_at"] is not None:
-        return Revoked(row["name"])
-    return ApiKey(row["name"], frozenset(row["scopes"]), row["device_prefix"] or "")
+        return Revoked(row["name"], row["id"])
+    return ApiKey(row["name"], frozenset(row["scopes"]), row["device_prefix"] or "", row["id"])
 
 
 async def is_active(db: Executor, key: str) -> bool:

@@ -14,6 +14,7 @@ import time
 from contextvars import ContextVar
 from typing import Any, cast
 
+import asyncpg
 import msgspec
 from litestar.types import HTTPResponseStartEvent, Scope
 
@@ -136,11 +137,49 @@ def tag_response(message: HTTPResponseStartEvent, scope: Scope) -> None:
         _access.debug("%s %s %d", scope.get("method"), scope.get("path"), message["status"])
 
 
+# Lines per second about refused requests (auth failures, writes outside a prefix, parameters
+# the database refused), all together; the rest are counted and summed up in the next line.
+LOG_PER_SECOND = 10
+
+
+class RateLimitedLog:
+    """Warnings about client errors, at most `per_second` lines a second whatever the flood."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self._window = 0.0
+        self._logged = 0
+        self._suppressed = 0
+
+    def __call__(self, logger: logging.Logger, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            if self._suppressed:
+                logger.warning("%d more refused requests not logged", self._suppressed)
+            self._window, self._logged, self._suppressed = now, 0, 0
+        if self._logged < self.per_second:
+            self._logged += 1
+            logger.warning(message, *args)
+        else:
+            self._suppressed += 1
+
+
+client_error = RateLimitedLog(LOG_PER_SECOND)
+
+
 def log_exception(exc: Exception, scope: Scope) -> None:
-    """An after-exception hook: an unhandled error (a 500) is logged with its traceback."""
-    status = exc.status if isinstance(exc, Problem) else getattr(exc, "status_code", 500)
+    """An after-exception hook: a server error is logged with its traceback, a client's is not.
+
+    The hook sees every exception, also those a handler turns into a 4xx (a parameter
+    PostgreSQL refused is the client's): those get one rate-limited warning line.
+    """
+    status = (exc.status if isinstance(exc, Problem)
+              else getattr(exc, "status_code", 422 if isinstance(exc, asyncpg.DataError) else 500))
+    request_id.set(request_id_of(scope))
+    app_log = logging.getLogger("vitalstore.app")
     if status >= 500:
-        request_id.set(request_id_of(scope))
-        logging.getLogger("vitalstore.app").error(
-            "unhandled error on %s %s", scope.get("method"), scope.get("path"),
-            exc_info=exc)
+        app_log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"),
+                      exc_info=exc)
+    elif isinstance(exc, asyncpg.DataError):
+        client_error(app_log, "parameter refused by the database on %s %s: %s",
+                     scope.get("method"), scope.get("path"), type(exc).__name__)

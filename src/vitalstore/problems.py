@@ -140,4 +140,15 @@ class InvalidKeySpec(Problem, ValueError):
 
 
 class DuplicateName(InvalidKeySpec):
-    """A key that is not revoked already has this name."""
+    """An active key with the same prefix already has this name."""
+
+
+class AmbiguousName(Problem):
+    """More than one active key has this name (with different prefixes): name one by id."""
+
+    status = 409
+
+    def __init__(self, name: str, ids: list[int]) -> None:
+        super().__init__(f"several active keys are named {name!r} (ids"
+                         f" {', '.join(map(str, ids))}); name one by its id")
+        self.ids = ids

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from vitalstore.database import ONE_MICROSECOND
+from vitalstore.database import EARLIEST, LATEST, ONE_MICROSECOND
+from vitalstore.readings import storable
 
 
 class BadCursor(ValueError):
@@ -32,6 +33,28 @@ def decode_cursor(cursor: str) -> str:
     if not value:
         raise BadCursor("invalid cursor")
     return value
+
+
+def decode_name_cursor(cursor: str) -> str:
+    """A device listing's cursor: the last id of the page before (text PostgreSQL takes)."""
+    value = decode_cursor(cursor)
+    if not storable(value):
+        raise BadCursor("invalid cursor")
+    return value
+
+
+def decode_time_cursor(cursor: str) -> datetime:
+    """A history cursor: the time of the page's last reading, aware and within the bounds of
+    stored times (so that stepping past it cannot overflow)."""
+    try:
+        moment = datetime.fromisoformat(decode_cursor(cursor))
+    except ValueError as exc:
+        raise BadCursor("invalid cursor") from exc
+    if moment.tzinfo is None or moment.utcoffset() != timedelta(0):
+        raise BadCursor("invalid cursor")  # the service hands out UTC times only
+    if not EARLIEST <= moment < LATEST:
+        raise BadCursor("invalid cursor")
+    return moment
 
 
 def _upper_bound(prefix: str) -> str | None:

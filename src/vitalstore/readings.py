@@ -58,6 +58,17 @@ def datetime_to_rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def storable(text: str) -> bool:
+    """Text PostgreSQL can take: no U+0000 and no unpaired surrogate (not valid UTF-8)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_time(text: str) -> datetime:
     """A query time: RFC 3339 (any offset) or Unix seconds. Raises ValueError."""
     text = text.strip()
@@ -80,7 +91,11 @@ def parse_time(text: str) -> datetime:
         raise ValueError(f"not an RFC 3339 time or Unix seconds: {text!r}") from exc
     if moment.tzinfo is None:
         raise ValueError(f"time needs a UTC offset (Z or +hh:mm): {text!r}")
-    return moment
+    try:
+        # In UTC from here on: later arithmetic cannot overflow at year 1 or 9999.
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"time out of range: {text!r}") from None
 
 
 def _timestamp_seconds(value: Any) -> float:
@@ -88,9 +103,12 @@ def _timestamp_seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("must be Unix seconds or an RFC 3339 string")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
+        # An int of any size compares exactly; math.isfinite would convert it to a float.
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("must be a finite number")
-        if abs(value) >= _MILLISECONDS_HINT:
+        if value < 0:
+            raise ValueError("must not be before 2000-01-01")
+        if value >= _MILLISECONDS_HINT:
             raise ValueError(
                 "looks like milliseconds (or finer); send Unix seconds, e.g. 1750240800.25"
             )

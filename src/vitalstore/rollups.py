@@ -188,9 +188,13 @@ async def fleet_aggregates(pool: asyncpg.Pool, metric_id: int, bucket: Bucket,
     rows: list[asyncpg.Record] = await pool.fetch(
         _fleet_sql(bucket, bool(prefix)), metric_id, *span, *([prefix] if prefix else []))
     if len(rows) > MAX_ITEMS:
-        # Every device counts in the bound: an over-estimate, so the suggestion still fits.
-        raise TooManyBuckets(MAX_ITEMS, await _suggest(pool, bucket, start, end, "metric_id = $1",
-                                                       [metric_id]))
+        # Over the same devices as the answer: a suggestion must tell nothing about others.
+        scope = "metric_id = $1"
+        args: list[Any] = [metric_id]
+        if prefix:
+            scope += " AND device_id IN (SELECT id FROM devices WHERE starts_with(name, $2))"
+            args.append(prefix)
+        raise TooManyBuckets(MAX_ITEMS, await _suggest(pool, bucket, start, end, scope, args))
     return rows
 
 

@@ -72,6 +72,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     auth_cache_s: float = 5.0
     # /metrics without a key (for scrapers on a trusted network).
     metrics_open: bool = False
+    # Requests a second per key in each process (0: no limit), and the burst allowed at once
+    # (0: one second's worth).
+    key_rate_limit: float = 0.0
+    key_rate_burst: int = 0
 
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
@@ -80,6 +84,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("chunk_interval", "retention_raw", "retention_1m", "retention_1h",
                      "retention_1d"):
             parse_duration(getattr(self, name))
+        if self.key_rate_limit < 0 or self.key_rate_burst < 0:
+            raise ValueError("key_rate_limit and key_rate_burst must not be negative")
         if self.buffer_max_readings < self.max_items:
             raise ValueError("buffer_max_readings must be at least max_items")
 

@@ -97,9 +97,10 @@ def multiprocess_mode() -> Iterator[None]:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-# Requests refused by access control, by reason: missing, malformed, unknown or revoked key
-# (401); scope or prefix (403). Counted where no Metrics object is at hand (the auth
-# middleware) and moved into the process's Telemetry by `publish`, like the other hot-path counts.
+# Requests refused by access control, by reason: ambiguous (400: several credentials), missing,
+# malformed, unknown or revoked key (401); scope or prefix (403). Counted where no Telemetry
+# object is at hand (the auth middleware) and moved into the process's Telemetry by `publish`,
+# like the other hot-path counts.
 AUTH_FAILURES: collections.Counter[str] = collections.Counter()
 
 
@@ -147,11 +148,17 @@ class Telemetry:
             multiprocess_mode="livesum", registry=registry)
         self.auth_failures = Counter(
             "vitalstore_auth_failures", "Requests refused by access control, by reason:"
-            " missing, malformed, unknown or revoked key (401); scope or prefix (403)",
+            " ambiguous (400: several credentials), missing, malformed, unknown or revoked key"
+            " (401); scope or prefix (403)",
             ["reason"], registry=registry)
+        self.key_rate_limited = Counter(
+            "vitalstore_key_rate_limited", "Requests refused (429) by the per-key rate limit,"
+            " by key name and id", ["key", "key_id"], registry=registry)
         # The hot path adds to plain ints; publish() moves them to the (memory-mapped, in
         # multiprocess mode: ~2 us an increment) prometheus values once a second.
         self._answers: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        # 429s of the per-key rate limit by key (name, id), counted by the KeyStore.
+        self.rate_limited: collections.Counter[tuple[str, int]] = collections.Counter()
         self._accepted = 0
 
     def accepted(self, readings: int) -> None:
@@ -172,6 +179,9 @@ class Telemetry:
         for reason, count in AUTH_FAILURES.items():
             self.auth_failures.labels(reason).inc(count)
         AUTH_FAILURES.clear()
+        for (name, key_id), count in self.rate_limited.items():
+            self.key_rate_limited.labels(name, str(key_id)).inc(count)
+        self.rate_limited.clear()  # in place: the KeyStore holds this very Counter
         accepted, self._accepted = self._accepted, 0
         if accepted:
             self.readings_accepted.inc(accepted)

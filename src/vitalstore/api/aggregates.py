@@ -11,7 +11,14 @@ from litestar.datastructures import State
 from litestar.params import FromPath, QueryParameter
 
 from vitalstore import queries, rollups
-from vitalstore.api.common import OptionalQuery, error, query_names, query_time, services_of
+from vitalstore.api.common import (
+    OptionalQuery,
+    error,
+    query_names,
+    query_text,
+    query_time,
+    services_of,
+)
 from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
 from vitalstore.database import EARLIEST, LATEST
@@ -80,14 +87,14 @@ async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
     """
     services = services_of(state)
     spec, start, end = _range(bucket, from_, to)
+    visible = request.auth.covers(query_text("device", device))
+    names = query_names("metrics", metrics) if metrics else None
     # Outside the key's prefix: the same 404 as an unknown device, no hint that it exists.
-    found = (await queries.find_device(services.pool, device)
-             if request.auth.covers(device) else None)
+    found = await queries.find_device(services.pool, device) if visible else None
     if found is None:
         return error(404, f"unknown device {device!r}")
     metric_ids = None
-    if metrics:
-        names = query_names(metrics)
+    if names is not None:
         metric_ids = sorted((await services.metric_ids.ids(
             services.pool, names, create=False)).values())
     rows = await rollups.device_aggregates(services.pool, found.id, spec, start, end, metric_ids)
@@ -110,10 +117,11 @@ async def fleet_aggregates(request: Request[Any, ApiKey, Any], state: State,
     services = services_of(state)
     if not metric:
         raise BadQuery("metric", "required")
+    query_text("metric", metric)
     spec, start, end = _range(bucket, from_, to)
-    known = await services.metric_ids.ids(services.pool, [metric], create=False)
     # Only the key's devices count: the narrower of its prefix and the one asked for.
-    visible = effective_prefix(request.auth, prefix)
+    visible = effective_prefix(request.auth, prefix and query_text("prefix", prefix))
+    known = await services.metric_ids.ids(services.pool, [metric], create=False)
     rows = []
     if metric in known and visible is not None:
         rows = await rollups.fleet_aggregates(services.pool, known[metric], spec, start, end,

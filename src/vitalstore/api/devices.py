@@ -16,20 +16,22 @@ from litestar.response import Stream
 
 from vitalstore import queries
 from vitalstore.api.common import (
+    UNSTORABLE,
     OptionalQuery,
     error,
     query_int,
     query_names,
+    query_text,
     query_time,
     services_of,
 )
-from vitalstore.api.responses import CompatError, RetryAfterOperation, errors
+from vitalstore.api.responses import CompatOrAuthError, RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
 from vitalstore.database import EARLIEST, LATEST, ONE_MICROSECOND
 from vitalstore.keys import ApiKey
 from vitalstore.problems import BadQuery
-from vitalstore.queries import BadCursor, decode_cursor, encode_cursor
-from vitalstore.readings import datetime_to_rfc3339
+from vitalstore.queries import BadCursor, decode_name_cursor, decode_time_cursor, encode_cursor
+from vitalstore.readings import datetime_to_rfc3339, storable
 from vitalstore.services import Services
 
 EXPORT_PAGE = 1000
@@ -85,9 +87,23 @@ def _cursor(value: str | None) -> str | None:
     if value is None or value == "":
         return None
     try:
-        return decode_cursor(value)
+        return decode_name_cursor(value)
     except BadCursor:
         raise BadQuery("cursor", "invalid cursor") from None
+
+
+def _time_cursor(value: str | None) -> datetime | None:
+    if value is None or value == "":
+        return None
+    try:
+        return decode_time_cursor(value)
+    except BadCursor:
+        raise BadQuery("cursor", "invalid cursor") from None
+
+
+def _device(request: KeyedRequest, device: str) -> bool:
+    """Whether the key may see this device id; raises BadQuery for text PostgreSQL refuses."""
+    return request.auth.covers(query_text("device", device))
 
 
 async def _device_page(services: Services, prefix: str, size: int, after: str | None
@@ -134,7 +150,7 @@ async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuer
     services = services_of(state)
     size = query_int("limit", limit, 100, 1, 1000)
     after = _cursor(cursor)
-    visible = effective_prefix(request.auth, prefix)
+    visible = effective_prefix(request.auth, prefix and query_text("prefix", prefix))
     if visible is None:
         return Response(DevicePage([], None))
     found, next_cursor = await _device_page(services, visible, size, after)
@@ -148,7 +164,7 @@ async def device_latest(request: KeyedRequest, state: State, device: DeviceId
                         ) -> Response[LatestObject]:
     # Outside the key's prefix answers as an unknown device: no hint that it exists.
     pool = services_of(state).pool
-    found = await queries.latest(pool, [device]) if request.auth.covers(device) else []
+    found = await queries.latest(pool, [device]) if _device(request, device) else []
     if not found:
         return error(404, f"unknown device {device!r}")
     return Response(_latest_object(found[0]))
@@ -166,7 +182,8 @@ async def bulk_latest(request: KeyedRequest, state: State,
     if device:
         if len(device) > 1000:
             return error(422, "at most 1000 device ids", parameter="device")
-        items = await queries.latest(services.pool, sorted({d for d in device if key.covers(d)}))
+        names = sorted({d for d in device if _device(request, d)})
+        items = await queries.latest(services.pool, names)
         return Response(LatestPage([_latest_object(i) for i in items], None))
     size = query_int("limit", limit, 100, 1, 1000)
     after = _cursor(cursor)
@@ -192,7 +209,7 @@ async def _history_query(services: Services, device_id: int, from_: str | None,
         raise BadQuery("order", "must be asc or desc")
     metric_ids = None
     if metrics:
-        names = query_names(metrics)
+        names = query_names("metrics", metrics)
         known = await services.metric_ids.ids(services.pool, names, create=False)
         metric_ids = {metric_id: name for name, metric_id in known.items()}
     return _HistoryQuery(device_id, start, end, metric_ids, order == "desc")
@@ -227,16 +244,12 @@ async def device_readings(
 ) -> Response[HistoryPage] | Stream:
     services = services_of(state)
     found = (await queries.find_device(services.pool, device)
-             if request.auth.covers(device) else None)
+             if _device(request, device) else None)
     if found is None:
         return error(404, f"unknown device {device!r}")
     q = await _history_query(services, found.id, from_, to, metrics, order)
     size = query_int("limit", limit, 1000, 1, 10_000)
-    after_text = _cursor(cursor)
-    try:
-        after = datetime.fromisoformat(after_text) if after_text else None
-    except ValueError:
-        raise BadQuery("cursor", "invalid cursor") from None
+    after = _time_cursor(cursor)
     accept = request.headers.get("accept", "")
     if "application/x-ndjson" in accept:
         return Stream(_export_ndjson(services, q), media_type="application/x-ndjson")
@@ -289,7 +302,7 @@ async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str
 
 @get("/vital-data", summary="Compatibility: devices with their latest values (old API)",
      operation_class=RetryAfterOperation,
-     responses=errors(400, 401, 403, 422, 503, s400=CompatError),
+     responses=errors(400, 401, 403, 422, 503, s400=CompatOrAuthError),
      **requires("read"))
 async def get_vital_data(
     request: KeyedRequest, state: State, count: OptionalQuery = None,
@@ -304,6 +317,8 @@ async def get_vital_data(
         return _compat_error(str(exc))
     if order_by not in (None, "", "asc", "desc"):
         return _compat_error("orderBy: must be asc or desc")
+    if sort_by and not storable(sort_by):
+        return _compat_error(f"sortBy: {UNSTORABLE}")
     total, resources = await queries.compat_page(
         services_of(state).pool, sort_by=sort_by or "timestamp",
         descending=order_by != "asc", count=size, offset=skip, prefix=request.auth.prefix)

@@ -16,7 +16,7 @@ from vitalstore.api.common import answer, services_of
 from vitalstore.api.responses import (
     JSON,
     NDJSON,
-    CompatError,
+    CompatOrAuthError,
     ItemErrors,
     ReadingsOperation,
     errors,
@@ -150,7 +150,7 @@ async def post_readings(request: Request[Any, ApiKey, Any], state: State) -> Res
 
 @post("/vital-data", status_code=202, summary="Compatibility: store readings (old API)",
       operation_class=ReadingsOperation, response_description="Stored (committed)",
-      responses=errors(400, 401, 403, 408, 413, 415, 503, s400=CompatError),
+      responses=errors(400, 401, 403, 408, 413, 415, 503, s400=CompatOrAuthError),
       **requires("ingest"))
 async def post_vital_data(request: Request[Any, ApiKey, Any],
                           state: State) -> Response[CompatAccepted]:

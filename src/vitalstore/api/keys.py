@@ -1,22 +1,24 @@
 """Key management over HTTP (`admin` scope): create, list, revoke.
 
-An admin key bound to a prefix manages only keys within that prefix, so it cannot mint a key
-that reaches further than itself.
+A key cannot mint a key that reaches further than itself: the new key's scopes are a subset
+of its own, and its prefix lies within its own. An admin key bound to a prefix sees and revokes
+only keys within that prefix, and learns nothing about others: names are unique only among
+active keys of the same prefix, so a name taken outside is no obstacle (nor a hint).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from vitalstore import keys
-from vitalstore.api.common import error, services_of
+from vitalstore.api.common import error, query_int, query_text, services_of
 from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import requires
 from vitalstore.keys import ApiKey, KeyInfo
@@ -31,6 +33,7 @@ class NewKey(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CreatedKey(msgspec.Struct):
+    id: int  # never reused: log lines and rate-limit counts carry it
     name: str
     scopes: list[str]
     prefix: str | None
@@ -51,10 +54,14 @@ async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
     if not (data.prefix or "").startswith(admin.prefix):
         return error(403, f"this key manages only keys within prefix {admin.prefix!r}")
     services = services_of(state)
+    keys.check_spec(data.name, data.scopes, data.prefix)  # unknown scopes are 422, not 403
+    beyond = sorted(set(data.scopes) - admin.scopes)
+    if beyond:
+        return error(403, f"this key cannot give scopes it lacks: {', '.join(beyond)}")
     # An InvalidKeySpec (a Problem) answers 422 through the app's handler.
     key, info = await keys.create(services.pool, data.name, data.scopes, data.prefix)
-    return Response(CreatedKey(info.name, info.scopes, info.prefix, info.created_at, key),
-                    status_code=201)
+    return Response(CreatedKey(info.id, info.name, info.scopes, info.prefix, info.created_at,
+                               key), status_code=201)
 
 
 @get("/v1/keys", summary="API keys (never the keys themselves), revoked ones included",
@@ -64,16 +71,24 @@ async def list_keys(request: AdminRequest, state: State) -> KeyList:
     return KeyList(await keys.list_all(services_of(state).pool, within=request.auth.prefix))
 
 
-@delete("/v1/keys/{name:str}", status_code=204, summary="Revoke the active key of that name",
-        operation_class=RetryAfterOperation, responses=errors(401, 403, 404, 503),
+@delete("/v1/keys/{name:str}", status_code=204,
+        summary="Revoke the active key of that name (`id` when several have it)",
+        operation_class=RetryAfterOperation, responses=errors(401, 403, 404, 409, 422, 503),
         **requires("admin"))
-async def revoke_key(request: AdminRequest, state: State, name: FromPath[str]) -> None:
+async def revoke_key(request: AdminRequest, state: State, name: FromPath[str],
+                     key_id: Annotated[str | None,
+                                       QueryParameter(name="id", required=False)] = None
+                     ) -> None:
     # `-> None`: a 204 that documents no body (a Response return would document JSON).
     services = services_of(state)
-    if not await keys.revoke(services.pool, name, within=request.auth.prefix):
+    # A BadQuery (422) or an AmbiguousName (409) answers through the app's handler.
+    revoked = await keys.revoke(services.pool, query_text("name", name),
+                                within=request.auth.prefix,
+                                key_id=query_int("id", key_id, 0, 1, 2**31 - 1) or None)
+    if revoked is None:
         raise NotFoundException(f"no active key named {name!r}")
     # At once in this process; other processes drop it when their cache entry expires.
-    services.keys.forget(name)
+    services.keys.forget(revoked)
 
 
 ROUTES = [create_key, list_keys, revoke_key]

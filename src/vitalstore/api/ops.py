@@ -53,7 +53,8 @@ async def ready(state: State) -> Response[dict[str, Any]]:
 
 
 @get("/metrics", summary="Prometheus metrics (text format)", media_type=CONTENT_TYPE_LATEST,
-     sync_to_thread=False, **METRICS)
+     sync_to_thread=False, operation_class=RetryAfterOperation, responses=errors(401, 403),
+     **METRICS)
 def metrics_route(state: State) -> Response[bytes]:
     services = state.services
     telemetry: Telemetry = services.telemetry

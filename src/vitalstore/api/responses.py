@@ -55,21 +55,35 @@ class CompatError(msgspec.Struct, omit_defaults=True):
     issues: list[Any] | None = None
 
 
+# The old API's routes answer their own 400 shape, except for a request with several API keys,
+# which access control refuses before any route runs.
+CompatOrAuthError = CompatError | ErrorBody
+
+
 _DESCRIPTIONS = {
-    400: "Malformed body or query",
+    400: "Malformed body or query, or more than one API key in the request",
     401: "Missing, unknown or revoked API key",
     403: "The key lacks the scope, or a device lies outside its prefix",
     404: "Unknown device",
+    409: "Several active keys have that name: give the `id` of one",
     408: "Body not received in time",
     413: "Body or item count over the limit",
     415: "Unsupported Content-Type or Content-Encoding",
     422: "Invalid items or query parameters; nothing stored",
+    429: "The key's request rate is over VITALSTORE_KEY_RATE_LIMIT; retry after Retry-After"
+         " seconds",
     503: "Ingest buffer full or database unavailable; retry after Retry-After seconds",
 }
 
 
 def errors(*statuses: int, body: Any = ErrorBody, **bodies: Any) -> dict[int, ResponseSpec]:
-    """Response specs of error answers: `errors(404, 422)`; `s422=ItemErrors` for another body."""
+    """Response specs of error answers: `errors(404, 422)`; `s422=ItemErrors` for another body.
+
+    A route that needs a key (it lists 401) can also answer 400 (more than one key) and 429
+    (the key's rate limit).
+    """
+    if 401 in statuses:
+        statuses = tuple(sorted({*statuses, 400, 429}))
     return {
         status: ResponseSpec(data_container=bodies.get(f"s{status}", body),
                              description=_DESCRIPTIONS[status], generate_examples=False)
@@ -129,7 +143,9 @@ class RetryAfterOperation(Operation):
 
 
 def retry_after_503(operation: Operation) -> None:
-    response = (operation.responses or {}).get("503")
-    if isinstance(response, OpenAPIResponse):
-        response.headers = {"Retry-After": OpenAPIHeader(
-            schema=Schema(type=OpenAPIType.INTEGER), description="seconds", required=True)}
+    """503 and 429 answers carry `Retry-After`."""
+    for status in ("429", "503"):
+        response = (operation.responses or {}).get(status)
+        if isinstance(response, OpenAPIResponse):
+            response.headers = {"Retry-After": OpenAPIHeader(
+                schema=Schema(type=OpenAPIType.INTEGER), description="seconds", required=True)}
