@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## .venv, pinned deps, TimescaleDB on the local PostgreSQL, database at head
+setup: $(STAMP) ## .venv, pinned deps, browser assets, TimescaleDB on the local PostgreSQL, database at head
+	bash scripts/install-ui-assets.sh
 	bash scripts/install-timescaledb.sh
 	$(BIN)/vitalstore db upgrade
 
@@ -27,7 +28,8 @@ run: setup ## set up, then serve on 127.0.0.1:8000 (VITALSTORE_* settings apply)
 	$(BIN)/vitalstore keys local-admin --file .vitalstore/admin.key
 	$(BIN)/vitalstore serve
 
-test: setup ## set up, then run the whole test suite against the real database
+test: setup ## set up (and Chromium for the browser tests), then the whole test suite
+	bash scripts/install-browser.sh
 	$(BIN)/pytest
 
 lint: $(STAMP) ## ruff on src, tests, loadtest, alembic; mypy --strict on src

@@ -47,6 +47,10 @@ class KeyList(msgspec.Struct):
       **requires("admin"))
 async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
                      ) -> Response[CreatedKey]:
+    """Create a key with `scopes` (ingest, read, admin) and an optional device `prefix`.
+
+    The answer holds the key itself, once: only its SHA-256 is stored.
+    """
     admin = request.auth
     if not (data.prefix or "").startswith(admin.prefix):
         return error(403, f"this key manages only keys within prefix {admin.prefix!r}")
@@ -61,6 +65,7 @@ async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
      operation_class=RetryAfterOperation, responses=errors(401, 403, 503),
      **requires("admin"))
 async def list_keys(request: AdminRequest, state: State) -> KeyList:
+    """Every key's name, scopes, prefix, creation and revocation time; never a key."""
     return KeyList(await keys.list_all(services_of(state).pool, within=request.auth.prefix))
 
 
@@ -68,6 +73,7 @@ async def list_keys(request: AdminRequest, state: State) -> KeyList:
         operation_class=RetryAfterOperation, responses=errors(401, 403, 404, 503),
         **requires("admin"))
 async def revoke_key(request: AdminRequest, state: State, name: FromPath[str]) -> None:
+    """Revoke the active key of that name; it is refused everywhere within the key cache time."""
     # `-> None`: a 204 that documents no body (a Response return would document JSON).
     services = services_of(state)
     if not await keys.revoke(services.pool, name, within=request.auth.prefix):
