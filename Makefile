@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export VITALSTORE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/vitalstore
 
-.PHONY: help setup run test lint bench bench-scale loadtest profile clean
+.PHONY: help setup run test lint bench bench-scale bench-dashboard loadtest profile clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ bench: setup ## side-by-side benchmark (BENCH_DURATION s a phase): loadtest/resu
 
 bench-scale: setup ## latency at 1M then 20M readings (BENCH_SCALE_SIZES; ~12 GB disk, ~15 min)
 	$(BIN)/python loadtest/bench_scale.py
+
+bench-dashboard: setup ## dashboard in Chromium: 30-day device view to charts drawn, page weight
+	bash scripts/install-browser.sh
+	$(BIN)/python loadtest/dashboard_bench.py
 
 loadtest: setup ## locust fleet, headless (LOADTEST_DURATION, LOADTEST_USERS, LOADTEST_HOST)
 	$(BIN)/python loadtest/run_locust.py

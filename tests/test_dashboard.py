@@ -143,6 +143,7 @@ async def test_device_chart_draws_the_posted_points_with_the_gap(browser, servic
     png = await watched.screenshot("dashboard-device-1h.png",
                                    '.chart[data-metric="heartRateValue"]')
     assert line_pixels(png, LINE_RGB) > 500, "the chart screenshot shows no line"
+    await watched.screenshot("dashboard-device.png")
     assert watched.outside == [] and watched.errors == []
 
 
@@ -159,7 +160,7 @@ async def test_device_24h_chart_is_the_minute_averages_with_min_max_band(browser
                      for minute, v in by_minute.items()}
     caption = watched.page.locator('.chart[data-metric="heartRateValue"] figcaption')
     assert await caption.text_content() == "Heart rate (bpm) · 1m buckets"
-    png = await watched.screenshot("dashboard-device.png")
+    png = await watched.screenshot("dashboard-device-24h.png")
     assert line_pixels(png, LINE_RGB) > 500
     assert watched.outside == [] and watched.errors == []
 

@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from playwright.async_api import expect
+
 from browser import chromium, watched_page
 from conftest import Server
-from playwright.async_api import expect
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
