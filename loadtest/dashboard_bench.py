@@ -74,6 +74,14 @@ async def one_run(browser: Any, url: str, key: str) -> dict[str, Any]:
     await page.goto(f"{url}/ui/#/device/{device}?range=30d")
     await page.wait_for_function(DRAWN, timeout=60_000)
     opened = await page.evaluate("() => window.vitalstore.drawnAt")
+    # Where the time went: the page's own files, then each API call (ms from navigation).
+    timeline = await page.evaluate("""() => ({
+      page_loaded: performance.getEntriesByType("navigation")[0].domContentLoadedEventEnd,
+      api: performance.getEntriesByType("resource").filter((r) => r.name.includes("/v1/"))
+        .map((r) => [new URL(r.name).pathname.split("/").pop() + " " + new URL(r.name).search
+          .replace(/.*metrics=/, ""), Math.round(r.startTime), Math.round(r.responseEnd)]),
+      charts: performance.getEntriesByType("mark").map((m) => [m.name, Math.round(m.startTime)]),
+    })""")
     points = await page.evaluate(
         "() => Object.values(window.vitalstore.charts).map((c) => c.data[0].length)")
     await asyncio.gather(*pending)
@@ -85,6 +93,7 @@ async def one_run(browser: Any, url: str, key: str) -> dict[str, Any]:
     await page.screenshot(path=str(RESULTS / "dashboard-30d.png"), full_page=True)
     await context.close()
     return {"open_to_drawn_ms": opened, "switch_to_drawn_ms": switched, "points": points,
+            "timeline_ms": timeline,
             "page_bytes": weights, "api_bytes_30d": api_bytes[0]}
 
 
@@ -114,6 +123,7 @@ async def main() -> None:
                              "max": round(max(r["open_to_drawn_ms"] for r in runs), 1)},
         "switch_to_drawn_ms": {"p50": p50([r["switch_to_drawn_ms"] for r in runs]),
                                "max": round(max(r["switch_to_drawn_ms"] for r in runs), 1)},
+        "timeline_of_last_open_ms": runs[-1]["timeline_ms"],
         "points_per_chart": runs[-1]["points"], "api_bytes_30d": runs[-1]["api_bytes_30d"],
         "page_weight": {"total_bytes": sum(weights.values()), "files": weights},
         "goals": {"open_to_drawn_under_ms": 1000, "page_weight_under_bytes": 200_000},

@@ -309,6 +309,7 @@ function chartLoop(device, metric, range, container) {
       if (!current()) return;
       caption.textContent = `${label(metric)}${unit(metric) ? ` (${unit(metric)})` : ""} · ${series.note}`;
       draw(box, metric, series);
+      performance.mark(`chart drawn: ${metric}`);   // in the browser's performance timeline
       drawn();
     });
   });
