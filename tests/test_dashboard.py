@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from statistics import mean
 from typing import Any
 
@@ -18,26 +19,42 @@ from conftest import Server
 from vitalstore import keys
 
 LINE_RGB = (0x15, 0x65, 0xC0)  # the charts' line colour (app.js COLOR)
-NOW = int(time.time())
-# One bedside monitor every 10 s for the last 50 minutes, silent from 30 to 20 minutes ago.
-BED_1_TIMES = [t for t in range(NOW - 3000, NOW - 10, 10) if not NOW - 1800 < t < NOW - 1200]
 
 
 def heart_rate(t: int) -> float:
     return 60 + (t // 10) % 37
 
 
+@dataclass
+class Timeline:
+    """When the readings were taken: from the module's start, not from test collection (the
+    whole suite takes minutes, and a device seen "5 s ago" must still be fresh)."""
+
+    now: int
+    # One bedside monitor every 10 s for the last 50 minutes, silent from 30 to 20 minutes ago.
+    bed_1: list[int]
+
+
 @pytest.fixture(scope="module")
-async def service(db_url: str, api_headers: dict[str, str]) -> AsyncIterator[Server]:
+def timeline() -> Timeline:
+    now = int(time.time())
+    return Timeline(now, [t for t in range(now - 3000, now - 10, 10)
+                          if not now - 1800 < t < now - 1200])
+
+
+@pytest.fixture(scope="module")
+async def service(db_url: str, api_headers: dict[str, str], timeline: Timeline
+                  ) -> AsyncIterator[Server]:
+    now = timeline.now
     server = Server(db_url, api_headers).start()
     readings: list[dict[str, Any]] = [
         {"device": "ward-a:bed-1", "timestamp": t, "heartRateValue": heart_rate(t), "spo2": 97}
-        for t in BED_1_TIMES]
+        for t in timeline.bed_1]
     readings += [
-        {"device": "ward-a:bed-2", "timestamp": NOW - 5, "heartRateValue": 71, "spo2": 99},
-        {"device": "ward-b:bed-1", "timestamp": NOW - 5, "heartRateValue": 64, "temperature": 36.6},
+        {"device": "ward-a:bed-2", "timestamp": now - 5, "heartRateValue": 71, "spo2": 99},
+        {"device": "ward-b:bed-1", "timestamp": now - 5, "heartRateValue": 64, "temperature": 36.6},
         # Silent for an hour: stale.
-        {"device": "ward-b:bed-2", "timestamp": NOW - 3600, "heartRateValue": 80},
+        {"device": "ward-b:bed-2", "timestamp": now - 3600, "heartRateValue": 80},
     ]
     async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
         answer = await http.post("/v1/readings", json=readings, timeout=30)
@@ -127,19 +144,20 @@ async def test_search_by_prefix_narrows_the_fleet(browser, service, db_url):
         "(rows) => rows.map((row) => row.dataset.device)")) == {"ward-b:bed-1", "ward-b:bed-2"}
 
 
-async def test_device_chart_draws_the_posted_points_with_the_gap(browser, service, db_url):
+async def test_device_chart_draws_the_posted_points_with_the_gap(browser, service, db_url,
+                                                                 timeline):
     watched = await signed_in(browser, service, await new_key(db_url, ["read"]))
     page = watched.page
     await page.click('a[href="#/device/ward-a%3Abed-1"]')
     await expect(page.locator('.tile[data-metric="heartRateValue"] .reading')).to_have_text(
-        f"{heart_rate(BED_1_TIMES[-1])} bpm")
+        f"{heart_rate(timeline.bed_1[-1])} bpm")
     await page.click("text=last hour")
     xs, ys = await chart_data(watched, "heartRateValue")
     points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
-    assert points == [(t, heart_rate(t)) for t in BED_1_TIMES]
+    assert points == [(t, heart_rate(t)) for t in timeline.bed_1]
     # The ten silent minutes are a gap (one null between them), not a line across.
     gaps = [xs[i] for i, y in enumerate(ys) if y is None]
-    assert len(gaps) == 1 and NOW - 1800 < gaps[0] < NOW - 1200
+    assert len(gaps) == 1 and timeline.now - 1800 < gaps[0] < timeline.now - 1200
     png = await watched.screenshot("dashboard-device-1h.png",
                                    '.chart[data-metric="heartRateValue"]')
     assert line_pixels(png, LINE_RGB) > 500, "the chart screenshot shows no line"
@@ -147,12 +165,13 @@ async def test_device_chart_draws_the_posted_points_with_the_gap(browser, servic
     assert watched.outside == [] and watched.errors == []
 
 
-async def test_device_24h_chart_is_the_minute_averages_with_min_max_band(browser, service, db_url):
+async def test_device_24h_chart_is_the_minute_averages_with_min_max_band(browser, service, db_url,
+                                                                          timeline):
     watched = await signed_in(browser, service, await new_key(db_url, ["read"]))
     await watched.page.goto(service.url + "/ui/#/device/ward-a%3Abed-1?range=24h")
     xs, avg, low, high = await chart_data(watched, "heartRateValue")
     by_minute: dict[int, list[float]] = {}
-    for t in BED_1_TIMES:
+    for t in timeline.bed_1:
         by_minute.setdefault(t // 60 * 60, []).append(heart_rate(t))
     drawn = {x: (a, lo, hi) for x, a, lo, hi in zip(xs, avg, low, high, strict=True)
              if a is not None}
