@@ -15,7 +15,8 @@ import pytest
 from playwright.async_api import Browser, expect
 
 from browser import Watched, chromium, line_pixels, watched_page
-from conftest import Server
+from conftest import ROOT, free_port
+from harness import Service
 from vitalstore import keys
 
 LINE_RGB = (0x15, 0x65, 0xC0)  # the charts' line colour (app.js COLOR)
@@ -44,9 +45,10 @@ def timeline() -> Timeline:
 
 @pytest.fixture(scope="module")
 async def service(db_url: str, api_headers: dict[str, str], timeline: Timeline
-                  ) -> AsyncIterator[Server]:
+                  ) -> AsyncIterator[Service]:
     now = timeline.now
-    server = Server(db_url, api_headers).start()
+    server = Service(db_url, name="server", port=free_port(), headers=dict(api_headers),
+                     log_dir=ROOT / ".pytest_cache", log_level=None).start(timeout=20)
     readings: list[dict[str, Any]] = [
         {"device": "ward-a:bed-1", "timestamp": t, "heartRateValue": heart_rate(t), "spo2": 97}
         for t in timeline.bed_1]
@@ -60,7 +62,7 @@ async def service(db_url: str, api_headers: dict[str, str], timeline: Timeline
         answer = await http.post("/v1/readings", json=readings, timeout=30)
     assert answer.status_code == 202, answer.text
     yield server
-    server.stop()
+    server.stop(graceful=False)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ async def new_key(db_url: str, scopes: list[str], prefix: str | None = None,
     return key
 
 
-async def signed_in(browser: Browser, service: Server, key: str) -> Watched:
+async def signed_in(browser: Browser, service: Service, key: str) -> Watched:
     watched = await watched_page(browser, service.url)
     await watched.page.goto(service.url + "/ui/")
     await watched.page.fill("#key", key)

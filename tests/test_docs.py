@@ -9,19 +9,21 @@ import pytest
 from playwright.async_api import expect
 
 from browser import chromium, watched_page
-from conftest import Server
+from conftest import ROOT, free_port
+from harness import Service
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
 
 @pytest.fixture(scope="module")
-async def service(db_url: str) -> AsyncIterator[Server]:
-    server = Server(db_url).start()
+async def service(db_url: str) -> AsyncIterator[Service]:
+    server = Service(db_url, name="server", port=free_port(), log_dir=ROOT / ".pytest_cache",
+                     log_level=None).start(timeout=20)
     yield server
-    server.stop()
+    server.stop(graceful=False)
 
 
-async def operations(service: Server) -> list[tuple[str, str, dict[str, object]]]:
+async def operations(service: Service) -> list[tuple[str, str, dict[str, object]]]:
     async with httpx.AsyncClient(base_url=service.url) as http:
         schema = (await http.get("/schema/openapi.json")).json()
     return [(method, path, operation) for path, item in schema["paths"].items()
