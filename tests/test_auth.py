@@ -101,7 +101,9 @@ def test_every_route_declares_its_access(settings):
                 open_paths.add(route.path)
             if access == "handler":
                 checked_by_handler.add(route.path)
-    assert {p for p in open_paths if not p.startswith("/schema")} == {"/health", "/ready"}
+    # The dashboard's static files are open too: its data comes from the API, with a key.
+    assert {p for p in open_paths if not p.startswith("/schema")} == {
+        "/health", "/ready", "/ui", "/ui/{file_path:path}"}
     # Their handlers call KeyStore.authorize (tests/test_lineprotocol.py: 401 without a key).
     assert checked_by_handler == {"/api/v2/write", "/write"}
 

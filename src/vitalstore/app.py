@@ -9,12 +9,11 @@ from typing import cast
 
 import asyncpg
 import msgspec
-from litestar import Litestar, Router
+from litestar import Litestar
 from litestar.exceptions import ValidationException
-from litestar.openapi import OpenAPIConfig
-from litestar.types import Message, Scope
+from litestar.types import ControllerRouterHandler, Message, Scope
 
-from vitalstore import auth, database, logs, telemetry, writer
+from vitalstore import auth, database, logs, telemetry, ui, writer
 from vitalstore.api import aggregates, devices, influx, ingest, keys, ops
 from vitalstore.api.common import (
     database_refused,
@@ -112,17 +111,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
             logs.tag_response(message, scope)
             app_telemetry.count_response(message, scope)
 
-    route_handlers = [*ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *keys.ROUTES,
-                      *aggregates.ROUTES, *influx.ROUTES]
+    route_handlers: list[ControllerRouterHandler] = [
+        *ingest.ROUTES, *devices.ROUTES, *ops.ROUTES, *keys.ROUTES, *aggregates.ROUTES,
+        *influx.ROUTES, ui.dashboard_router(opt=auth.OPEN)]
     if settings.bench_routes:
         route_handlers += ingest.BENCH_ROUTES
     return Litestar(
         route_handlers=route_handlers,
         lifespan=[lifespan],
-        openapi_config=OpenAPIConfig(
-            title="vitalstore", version="0.1.0", components=auth.OPENAPI_COMPONENTS,
-            openapi_router=Router("/schema", route_handlers=[], opt=auth.OPEN,
-                                  include_in_schema=False)),
+        openapi_config=ui.openapi_config(auth.OPENAPI_COMPONENTS, opt=auth.OPEN),
         middleware=[auth.AuthMiddleware],
         exception_handlers={
             **auth.EXCEPTION_HANDLERS,  # type: ignore[dict-item]

@@ -147,6 +147,11 @@ def _compat_resource(device: queries.CompatDevice) -> dict[str, Any]:
 async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuery = None,
                        limit: OptionalQuery = None, cursor: OptionalQuery = None
                        ) -> Response[DevicePage]:
+    """Devices in id order, a page of `limit` (default 100, at most 1000) at a time.
+
+    `prefix` narrows to ids starting with it (within the key's own prefix); `next_cursor`
+    gives the next page, or null after the last.
+    """
     services = services_of(state)
     size = query_int("limit", limit, 100, 1, 1000)
     after = _cursor(cursor)
@@ -162,6 +167,11 @@ async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuer
      **requires("read"))
 async def device_latest(request: KeyedRequest, state: State, device: DeviceId
                         ) -> Response[LatestObject]:
+    """The newest value and time of every metric of one device.
+
+    A late reading never replaces a newer value. A device outside the key's prefix answers
+    404, as an unknown one does.
+    """
     # Outside the key's prefix answers as an unknown device: no hint that it exists.
     pool = services_of(state).pool
     found = await queries.latest(pool, [device]) if _device(request, device) else []
@@ -177,6 +187,11 @@ async def bulk_latest(request: KeyedRequest, state: State,
                       device: Annotated[list[str] | None, QueryParameter(required=False)] = None,
                       limit: OptionalQuery = None, cursor: OptionalQuery = None
                       ) -> Response[LatestPage]:
+    """Latest values of the devices named by repeated `device=` (at most 1000), or of every
+    device by page (`limit`, `cursor`) when none is named.
+
+    Devices unknown or outside the key's prefix are left out.
+    """
     services = services_of(state)
     key = request.auth
     if device:
@@ -242,6 +257,12 @@ async def device_readings(
     to: OptionalQuery = None, metrics: OptionalQuery = None, order: OptionalQuery = None,
     limit: OptionalQuery = None, cursor: OptionalQuery = None,
 ) -> Response[HistoryPage] | Stream:
+    """One item per reading (`timestamp`, `metrics`, `attributes`) in [from, to), oldest first
+    (`order=desc`: newest first), a page of `limit` (default 1000, at most 10,000) at a time.
+
+    `metrics=a,b` keeps only those metrics. With `Accept: application/x-ndjson` or `text/csv`
+    the whole range is streamed instead of a page.
+    """
     services = services_of(state)
     found = (await queries.find_device(services.pool, device)
              if _device(request, device) else None)
@@ -310,6 +331,11 @@ async def get_vital_data(
     sort_by: Annotated[str | None, QueryParameter(name="sortBy", required=False)] = None,
     order_by: Annotated[str | None, QueryParameter(name="orderBy", required=False)] = None,
 ) -> Response[CompatPage]:
+    """The replaced system's listing: `{"total", "resources": [{"deviceId", "lastUpdated", ...}]}`.
+
+    `count` (default 20, at most 100), `offset`, `sortBy` and `orderBy` (`asc` or `desc`,
+    default desc) as the old API took them.
+    """
     try:
         size = query_int("count", count, 20, 1, 100)
         skip = query_int("offset", offset, 0, 0, 10_000_000)
