@@ -197,8 +197,14 @@ async def history_page(
     items: dict[datetime, StoredReading] = {
         row["ts"]: StoredReading(row["ts"], {}, {}) for row in times
     }
+    # A reading committed between the two queries may fall inside the page's range without
+    # being one of its times (or carry a metric named after `metric_names` was read): it
+    # belongs to a later read, not to this page.
     for ts, metric_id, value in values:
-        items[ts].metrics[metric_names[metric_id]] = value
+        item = items.get(ts)
+        name = metric_names.get(metric_id)
+        if item is not None and name is not None:
+            item.metrics[name] = value
     for ts, attributes in await pool.fetch(
         "SELECT ts, attributes FROM reading_attributes"
         " WHERE device_id = $1 AND ts >= $2 AND ts < $3",
