@@ -23,6 +23,7 @@ from vitalstore.api.common import (
     problem_handler,
 )
 from vitalstore.batcher import Batcher
+from vitalstore.fold import Fold
 from vitalstore.problems import Problem
 from vitalstore.readings import Validator
 from vitalstore.retention import Maintenance
@@ -83,10 +84,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             )
             maintenance = Maintenance(settings, pool)
             maintenance.start()
+            fold = Fold(settings, pool)
+            fold.start()
             try:
                 async with app_telemetry.sampler(lambda: batcher.buffered, pool):
                     yield
             finally:
+                await fold.stop()
                 await maintenance.stop()
                 # Granian runs this after it stops serving: what is buffered is flushed here.
                 await batcher.close()

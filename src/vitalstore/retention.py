@@ -14,6 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
+from vitalstore.fold import fold_now
 from vitalstore.settings import Settings, parse_duration
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ async def apply_retention(conn: asyncpg.Connection, settings: Settings,
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
         return None
     try:
+        await fold_now(conn)
         now = now or await conn.fetchval("SELECT now()")
         dropped: dict[str, int] = {}
         for table in RETENTION:
