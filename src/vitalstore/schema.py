@@ -136,6 +136,7 @@ api_keys = Table(
     Column("revoked_at", TS),
     CheckConstraint("cardinality(scopes) > 0 AND scopes <@ ARRAY['ingest', 'read', 'admin']"),
     CheckConstraint("device_prefix <> ''"),
-    Index("api_keys_active_name", "name", unique=True,
-          postgresql_where=text("revoked_at IS NULL")),
+    # Revision 0005: a name is unique per device prefix among keys not revoked.
+    Index("api_keys_active_prefix_name", text("coalesce(device_prefix, '')"), "name",
+          unique=True, postgresql_where=text("revoked_at IS NULL")),
 )
