@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 
 import asyncpg
 import httpx
@@ -165,3 +166,46 @@ async def test_concurrent_requests_each_get_their_own_answer(server_factory, db,
         "SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id"
         " WHERE starts_with(d.name, $1)", device)
     assert count == 400
+
+
+async def test_single_post_is_not_held_behind_large_flushes(server_factory, db, db_url,
+                                                            device):
+    """Both general writers stuck in 3,000-reading flushes: a single POST still commits."""
+    server = server_factory()
+    big, small = f"{device}-big", f"{device}-small"
+    holder = await asyncpg.connect(db_url)
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers,
+                                 timeout=60) as http:
+        assert (await http.post("/v1/readings", json={"device": big, "timestamp": NOW,
+                                                      "hr": 1})).status_code == 202
+        # Hold the big device's latest row: its flushes wait on it inside the database.
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT FROM latest l JOIN devices d ON d.id = l.device_id"
+                             " WHERE d.name = $1 FOR UPDATE OF l", big)
+        try:
+            # 3,000 readings each: two requests never fit one 5,000-reading flush, so each
+            # general writer takes one and waits.
+            uploads = [asyncio.create_task(http.post("/v1/readings", json=[
+                {"device": big, "timestamp": NOW - 7000 + part * 3000 + i, "hr": i}
+                for i in range(3000)])) for part in range(2)]
+            for _ in range(400):
+                waiting = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'")
+                if waiting == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting == 2, "both large flushes should be waiting on the row lock"
+            began = time.monotonic()
+            response = await http.post("/v1/readings", json={"device": small,
+                                                             "timestamp": NOW, "hr": 2})
+            assert response.status_code == 202
+            assert time.monotonic() - began < 2.0  # a flush of one reading takes milliseconds
+            assert not any(upload.done() for upload in uploads)
+        finally:
+            await transaction.rollback()
+            await holder.close()
+        assert [(await upload).status_code for upload in uploads] == [202, 202]
+    assert len(await stored(db, big)) == 6001
+    assert await stored(db, small) == [("hr", NOW, 2.0)]

@@ -22,6 +22,7 @@ from vitalstore.api.common import (
     problem_handler,
 )
 from vitalstore.batcher import Batcher
+from vitalstore.fold import Fold
 from vitalstore.mqtt import MqttIngest
 from vitalstore.policies import APACHE_WARNING, Maintenance, has_columnstore
 from vitalstore.problems import Problem
@@ -90,6 +91,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             maintenance = Maintenance(settings, pool)
             if not columnstore:
                 maintenance.start()
+            # Whatever the edition: the fold is vitalstore's, not a TimescaleDB job.
+            fold = Fold(settings, pool)
+            fold.start()
             if settings.mqtt_url:
                 services.mqtt = MqttIngest(settings, services)
                 services.mqtt.start()
@@ -100,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 if services.mqtt is not None:
                     # Before the batcher: what is being committed is still acknowledged.
                     await services.mqtt.close()
+                await fold.stop()
                 await maintenance.stop()
                 # Granian runs this after it stops serving: what is buffered is flushed here.
                 await batcher.close()

@@ -99,7 +99,7 @@ def _tune_gc() -> None:
 def serve(settings: Settings) -> None:
     """Run the app under granian (app factory), `settings.workers` processes."""
     from granian import Granian
-    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops, TaskImpl
     from granian.log import LogLevels
 
     try:
@@ -119,6 +119,7 @@ def serve(settings: Settings) -> None:
         interface=Interfaces.ASGI,
         http=HTTPModes.http1,
         loop=Loops.uvloop,
+        task_impl=TaskImpl(settings.task_impl),
         log_access=False,
         log_level=LogLevels(settings.log_level.lower()),
         log_dictconfig=logs.dict_config(settings),
