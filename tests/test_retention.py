@@ -31,6 +31,15 @@ def settings(db_url: str) -> Settings:
     return Settings(database_url=db_url, **RETENTION)
 
 
+@pytest.fixture(scope="module")
+async def client(settings: Settings, api_headers: dict[str, str]) -> Any:
+    """A service that takes readings past the horizon (it would refuse them), to expire them."""
+    takes_old = msgspec.structs.replace(settings, retention_raw="forever")
+    async with AsyncTestClient(create_app(takes_old), timeout=30) as service:
+        service.headers.update(api_headers)
+        yield service
+
+
 async def post_hours(client: Any, device: str, first: datetime) -> None:
     """Readings every 10 minutes for 3 hours, with an attribute."""
     body = [{"device": device, "timestamp": iso(first + timedelta(minutes=10 * n)),

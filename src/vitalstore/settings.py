@@ -72,9 +72,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     auth_cache_s: float = 5.0
     # /metrics without a key (for scrapers on a trusted network).
     metrics_open: bool = False
+    # Clients of the system we replace send no key: a keyless /vital-data request gets the
+    # rights of the key of this name ("" lets none in).
+    compat_key_name: str = ""
 
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
+    # One line per answer (also at log level DEBUG).
+    access_log: bool = False
+    # Browser clients: origins allowed by CORS, comma-separated ("" allows none, "*" any).
+    cors_origins: str = ""
 
     def __post_init__(self) -> None:
         for name in ("chunk_interval", "retention_raw", "retention_1m", "retention_1h",

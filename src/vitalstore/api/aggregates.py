@@ -11,7 +11,14 @@ from litestar.datastructures import State
 from litestar.params import FromPath, QueryParameter
 
 from vitalstore import queries, rollups
-from vitalstore.api.common import OptionalQuery, error, query_names, query_time, services_of
+from vitalstore.api.common import (
+    NamesQuery,
+    OptionalQuery,
+    error,
+    query_names,
+    query_range,
+    services_of,
+)
 from vitalstore.api.responses import RetryAfterOperation, errors
 from vitalstore.auth import effective_prefix, requires
 from vitalstore.database import EARLIEST, LATEST
@@ -61,7 +68,7 @@ def _range(bucket: str | None, from_: str | None, to: str | None
         spec = rollups.parse_bucket(DEFAULT_BUCKET if bucket is None else bucket)
     except ValueError as exc:
         raise BadQuery("bucket", str(exc)) from None
-    return spec, query_time("from", from_, EARLIEST), query_time("to", to, LATEST)
+    return (spec, *query_range(from_, to, EARLIEST, LATEST))
 
 
 @get("/v1/devices/{device:str}/aggregates",
@@ -71,7 +78,7 @@ def _range(bucket: str | None, from_: str | None, to: str | None
 async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
                             device: FromPath[str], from_: FromQuery = None,
                             to: OptionalQuery = None, bucket: OptionalQuery = None,
-                            metrics: OptionalQuery = None) -> Response[DeviceAggregates]:
+                            metrics: NamesQuery = None) -> Response[DeviceAggregates]:
     """Items by metric, then start; buckets without data are left out.
 
     `bucket` (default 1h) is a whole number of minutes, hours or days from 1m to 31d; buckets
@@ -86,8 +93,8 @@ async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
     if found is None:
         return error(404, f"unknown device {device!r}")
     metric_ids = None
-    if metrics:
-        names = query_names(metrics)
+    names = query_names(metrics)
+    if names:
         metric_ids = sorted((await services.metric_ids.ids(
             services.pool, names, create=False)).values())
     rows = await rollups.device_aggregates(services.pool, found.id, spec, start, end, metric_ids)
