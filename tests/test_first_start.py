@@ -141,3 +141,26 @@ async def test_two_replicas_migrating_a_fresh_database_at_once(tmp_path: Path):
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
+
+
+def test_constraints_pin_every_installed_package():
+    """The virtualenv holds exactly what constraints.txt says (the image installs from it)."""
+    from importlib.metadata import distributions
+
+    from conftest import ROOT
+
+    pinned = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    normal = {name.lower().replace("_", "-"): version for name, version in pinned.items()}
+    installed = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in distributions()}
+    installed.pop("vitalstore")
+    installed.pop("setuptools", None)  # the venv's own; builds use the pinned one
+    assert {name: v for name, v in installed.items() if normal.get(name) != v} == {}
+    # Direct pins of pyproject.toml agree with the constraints.
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in [*project["dependencies"],
+                        *(r for extra in project["optional-dependencies"].values() for r in extra)]:
+        name, version = requirement.split("==")
+        assert normal[name.split("[")[0].lower()] == version, requirement
