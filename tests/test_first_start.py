@@ -18,14 +18,23 @@ import httpx
 import msgspec
 from litestar.testing import AsyncTestClient
 
-from conftest import ADMIN_URL, Server, database_url
-from vitalstore.app import create_app, schema_head
+from conftest import ADMIN_URL, ROOT, database_url, free_port
+from harness import Service
+from vitalstore.app import create_app
+from vitalstore.database import schema_head
 
 NOW = int(time.time()) - 60
 
 
-def log_entries(server: Server) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in server.log.read_text().splitlines() if line.strip()]
+def log_entries(server: Service) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in server.log_path.read_text().splitlines()
+            if line.strip()]
+
+def start_server(db_url: str, headers: dict[str, str], **env: str) -> Service:
+    """`vitalstore serve` at the service's own log level (INFO), log in .pytest_cache."""
+    return Service(db_url, env, name="server", port=free_port(), headers=dict(headers),
+                   log_dir=ROOT / ".pytest_cache", log_level=None).start(timeout=20)
+
 
 
 def cli(db_url: str, *args: str) -> subprocess.Popen[str]:
@@ -36,22 +45,22 @@ def cli(db_url: str, *args: str) -> subprocess.Popen[str]:
 
 def test_the_service_says_at_start_what_it_runs_on(db_url, api_headers):
     with_password = db_url.replace("postgres@", "postgres:s3cret-pw@")  # trust auth ignores it
-    server = Server(with_password, api_headers, VITALSTORE_COMPAT_KEY_NAME="old-fleet").start()
+    server = start_server(with_password, api_headers, VITALSTORE_COMPAT_KEY_NAME="old-fleet")
     try:
         [start] = [e for e in log_entries(server) if e["message"].startswith("vitalstore ")]
     finally:
-        server.stop()
+        server.stop(graceful=False)
     assert start["level"] == "INFO"
     name = db_url.rsplit("/", 1)[1]
     assert start["database"] == f"{name} on 127.0.0.1:5432"
     assert start["timescaledb"].endswith("(community edition)")
     assert (start["auth"], start["workers"], start["compat_key"]) == ("required", 1, "old-fleet")
     assert start["version"] in start["message"]
-    assert "s3cret-pw" not in server.log.read_text()
+    assert "s3cret-pw" not in server.log_path.read_text()
 
 
 def test_access_log_names_route_status_key_and_reason(db_url, api_headers):
-    server = Server(db_url, api_headers, VITALSTORE_ACCESS_LOG="true").start()
+    server = start_server(db_url, api_headers, VITALSTORE_ACCESS_LOG="true")
     key = api_headers["Authorization"].removeprefix("Bearer ")
     try:
         unknown = httpx.get(server.url + "/v1/devices/nobody/latest", headers=server.headers)
@@ -62,7 +71,7 @@ def test_access_log_names_route_status_key_and_reason(db_url, api_headers):
         entries = [e for e in log_entries(server) if e["logger"] == "vitalstore.access"]
         failures = [e for e in log_entries(server) if "authentication failed" in e["message"]]
     finally:
-        server.stop()
+        server.stop(graceful=False)
     found = next(e for e in entries if e["status"] == 404)
     assert found["method"] == "GET"
     assert found["route"] == "/v1/devices/{device}/latest"
@@ -75,7 +84,7 @@ def test_access_log_names_route_status_key_and_reason(db_url, api_headers):
     assert "invalid API key" in refused["reason"]
     # What was wrong with the key, never the key.
     assert "a key of 3 characters not starting with 'vs_'" in failures[0]["message"]
-    assert key not in server.log.read_text()
+    assert key not in server.log_path.read_text()
 
 
 def test_make_runs_key_is_printed_when_created_only(db_url, tmp_path):

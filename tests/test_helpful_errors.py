@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from conftest import Server
+from conftest import ROOT, free_port
+from harness import Service
 
 NOW = int(time.time()) - 60
 JSON = {"content-type": "application/json"}
@@ -103,9 +104,10 @@ async def test_device_ids_the_read_urls_cannot_hold_are_422(client, name):
 @pytest.fixture(scope="module")
 def server(db_url: str, api_headers: dict[str, str]) -> Any:
     """A real `vitalstore serve`: URLs travel as clients send them, not as a test transport."""
-    started = Server(db_url, api_headers).start()
+    started = Service(db_url, {}, name="server", port=free_port(), headers=dict(api_headers),
+                      log_dir=ROOT / ".pytest_cache").start(timeout=20)
     yield started
-    started.stop()
+    started.stop(graceful=False)
 
 
 @hypothesis_settings(max_examples=60, deadline=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,8 @@ def test_the_readme_walk_works_as_written(server_factory, tmp_path: Path):
     # What `make run` leaves behind: the admin key in .vitalstore/admin.key.
     made = subprocess.run([sys.executable, "-m", "vitalstore.cli", "keys", "local-admin",
                            "--file", str(tmp_path / ".vitalstore" / "admin.key")],
-                          env=server.env, capture_output=True, text=True, timeout=60, check=False)
+                          env={**os.environ, "VITALSTORE_DATABASE_URL": server.db_url},
+                          capture_output=True, text=True, timeout=60, check=False)
     assert made.returncode == 0, made.stderr
     script = walk_commands().replace("http://127.0.0.1:8000", server.url)
     assert server.url in script
