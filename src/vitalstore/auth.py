@@ -412,5 +412,8 @@ def _error_response(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
 
 # The API's error shape (`{"error": ...}`, or the old one under /vital-data) for what the
 # middleware and Litestar's router raise.
-EXCEPTION_HANDLERS: Final = {status: _error_response
-                             for status in (400, 401, 403, 404, 405, 429, 503)}
+# 400 by class, not by status: a ValidationException (a ClientException too) keeps its own
+# handler, which explains what was wrong with the body.
+EXCEPTION_HANDLERS: Final[dict[Any, Any]] = {
+    ClientException: _error_response,
+    **{status: _error_response for status in (401, 403, 404, 405, 429, 503)}}
