@@ -108,7 +108,8 @@ rollups = [_rollup(level.table) for level in LEVELS]
 
 
 # API keys (revision 0003). Only the SHA-256 of a key is stored; `device_prefix` NULL means
-# every device. A name is unique among keys not revoked. SQL on it lives in keys.py.
+# every device. A name is unique among the keys not revoked of the same prefix (revision 0005).
+# SQL on it lives in keys.py.
 api_keys = Table(
     "api_keys",
     metadata,
@@ -122,6 +123,6 @@ api_keys = Table(
     Column("revoked_at", TS),
     CheckConstraint("cardinality(scopes) > 0 AND scopes <@ ARRAY['ingest', 'read', 'admin']"),
     CheckConstraint("device_prefix <> ''"),
-    Index("api_keys_active_name", "name", unique=True,
-          postgresql_where=text("revoked_at IS NULL")),
+    Index("api_keys_active_prefix_name", text("coalesce(device_prefix, '')"), "name",
+          unique=True, postgresql_where=text("revoked_at IS NULL")),
 )
