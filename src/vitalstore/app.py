@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     auth.AuthMiddleware],
         cors_config=cors_config(settings),
         exception_handlers={
-            **auth.EXCEPTION_HANDLERS,  # type: ignore[dict-item]
+            **auth.EXCEPTION_HANDLERS,
             **{cast("type[Exception]", exc): database_unavailable
                for exc in (*database.CONNECTION_ERRORS, asyncpg.PostgresError)},
             Problem: problem_handler,
