@@ -1,5 +1,5 @@
-"""The results as Markdown tables: what bench.py and bench_scale.py print, and the README's
-Performance section.
+"""The results as Markdown tables: what bench.py and bench_scale.py print, and
+docs/performance.md.
 
     python loadtest/report.py     # reads loadtest/results/bench.json and bench-scale.json
 """

@@ -10,6 +10,7 @@ from typing import cast
 import asyncpg
 import msgspec
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.exceptions import ValidationException
 from litestar.types import ControllerRouterHandler, Message, Scope
 
@@ -28,7 +29,7 @@ from vitalstore.policies import APACHE_WARNING, Maintenance, has_columnstore
 from vitalstore.problems import Problem
 from vitalstore.readings import Validator
 from vitalstore.services import Services
-from vitalstore.settings import Settings
+from vitalstore.settings import Settings, parse_duration
 from vitalstore.writer import NameIds
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,18 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     round trip on every release, and read connections never change session state; an open
     transaction is still rolled back by the pool. Measured: GET latest +21% req/s.
     """
+
+
+def cors_config(settings: Settings) -> CORSConfig | None:
+    """CORS for browser clients of the origins in VITALSTORE_CORS_ORIGINS (none by default)."""
+    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    if not origins:
+        return None
+    return CORSConfig(
+        allow_origins=origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "X-API-Key", "Content-Type", "Content-Encoding",
+                       "X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -76,7 +89,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.services = services = Services(
                 settings=settings,
                 validator=Validator(max_items=settings.max_items,
-                                    max_future_skew_s=settings.max_future_skew_s),
+                                    max_future_skew_s=settings.max_future_skew_s,
+                                    retention_raw=parse_duration(settings.retention_raw),
+                                    retention_setting=settings.retention_raw),
                 pool=pool,
                 batcher=batcher,
                 device_ids=NameIds("devices"),
@@ -125,9 +140,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=route_handlers,
         lifespan=[lifespan],
         openapi_config=ui.openapi_config(auth.OPENAPI_COMPONENTS, opt=auth.OPEN),
-        middleware=[auth.AuthMiddleware],
+        # The access log first: it times the key check too, and sees its refusals.
+        middleware=[*([logs.AccessLogMiddleware] if logs.access_log_enabled(settings) else []),
+                    auth.AuthMiddleware],
+        cors_config=cors_config(settings),
         exception_handlers={
-            **auth.EXCEPTION_HANDLERS,  # type: ignore[dict-item]
+            **auth.EXCEPTION_HANDLERS,
             **{cast("type[Exception]", exc): database_unavailable
                for exc in (*database.CONNECTION_ERRORS, asyncpg.PostgresError)},
             Problem: problem_handler,

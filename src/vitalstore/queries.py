@@ -44,10 +44,15 @@ def decode_name_cursor(cursor: str) -> str:
 
 
 def decode_time_cursor(cursor: str) -> datetime:
-    """A history cursor: the time of the page's last reading, aware and within the bounds of
-    stored times (so that stepping past it cannot overflow)."""
+    """A cursor holding only a time (see cursor_time)."""
+    return cursor_time(decode_cursor(cursor))
+
+
+def cursor_time(text: str) -> datetime:
+    """The time in a history cursor: that of the page's last reading, aware and within the
+    bounds of stored times (so that stepping past it cannot overflow)."""
     try:
-        moment = datetime.fromisoformat(decode_cursor(cursor))
+        moment = datetime.fromisoformat(text)
     except ValueError as exc:
         raise BadCursor("invalid cursor") from exc
     if moment.tzinfo is None or moment.utcoffset() != timedelta(0):

@@ -98,12 +98,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # one process holds at most; unacknowledged messages stop the flow.
     mqtt_receive_maximum: int = 200
     mqtt_session_expiry_s: int = 86_400
+    # Clients of the system we replace send no key: a keyless /vital-data request gets the
+    # rights of the key of this name ("" lets none in).
+    compat_key_name: str = ""
 
     # granian's task implementation for the ASGI callables.
     task_impl: Literal["asyncio", "rust"] = "asyncio"
 
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
+    # One line per answer (also at log level DEBUG).
+    access_log: bool = False
+    # Browser clients: origins allowed by CORS, comma-separated ("" allows none, "*" any).
+    cors_origins: str = ""
 
     def __post_init__(self) -> None:
         for name in ("chunk_interval", "columnstore_after", "retention_raw", "retention_1m",

@@ -1,0 +1,36 @@
+"""Every `sql` block of docs/sql.md runs on a database the service filled, and finds rows."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import msgspec
+import pytest
+
+from conftest import ROOT
+
+QUERIES = re.findall(r"```sql\n(.*?)```", (ROOT / "docs" / "sql.md").read_text(), re.S)
+NOW = int(time.time())
+
+
+@pytest.fixture(scope="module")
+async def filled(client):
+    """Readings of the page's examples: fitband-7 over the last hour, a ward-3 device."""
+    body = [{"device": "fitband-7", "timestamp": NOW - 60 * n, "heartRateValue": 60 + n,
+             "spo2": 97, **({"note": "walk"} if n == 0 else {})} for n in range(30)]
+    body += [{"device": "ward-3:bed-1", "timestamp": NOW - 60 * n, "spo2": 95 + n % 3}
+             for n in range(30)]
+    response = await client.post("/v1/readings", content=msgspec.json.encode(body),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 202, response.text
+
+
+def test_the_page_has_its_queries():
+    assert len(QUERIES) >= 6
+
+
+@pytest.mark.parametrize("query", QUERIES, ids=[q.split("\n", 1)[0][:40] for q in QUERIES])
+async def test_documented_query_runs_and_finds_rows(filled, db, query):
+    rows = await db.fetch(query)
+    assert rows, query
