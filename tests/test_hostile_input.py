@@ -239,10 +239,17 @@ async def test_body_over_the_limit_is_413_with_or_without_content_length(server_
             yield body[start:start + 4096]
 
     before = await row_counts(db)
-    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
-        with_length = await client.post("/v1/readings", content=body, headers=JSON)
-        chunked = await client.post("/v1/readings", content=chunks(), headers=JSON)
-        assert (await client.get("/health")).status_code == 200
+    # A connection per request: the server answers 413 before reading the rest of the body
+    # and then closes that connection, so a second request on it would race the close.
+    def client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=server.url, headers=server.headers)
+
+    async with client() as first:
+        with_length = await first.post("/v1/readings", content=body, headers=JSON)
+    async with client() as second:
+        chunked = await second.post("/v1/readings", content=chunks(), headers=JSON)
+    async with client() as third:
+        assert (await third.get("/health")).status_code == 200
     assert with_length.status_code == 413, with_length.text
     assert chunked.status_code == 413, chunked.text
     assert chunked.request.headers.get("transfer-encoding") == "chunked"
