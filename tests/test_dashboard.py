@@ -187,7 +187,7 @@ async def test_device_24h_chart_is_the_minute_averages_with_min_max_band(browser
 
 
 @pytest.mark.parametrize(("kind", "message"), [
-    ("unknown", "This key was refused (invalid API key)"),
+    ("unknown", "This key was refused (invalid API key"),
     ("revoked", "This key was refused (API key revoked)"),
     ("ingest only", "This key may not read"),
 ])
