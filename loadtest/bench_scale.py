@@ -14,8 +14,8 @@ service running, sequential requests on one keep-alive connection measure p50/p9
   raw bucket  the same aggregate with time_bucket over the raw rows, in SQL (a reference)
   post        POST /v1/readings, one reading of 4 metrics (durable: answered after commit)
 
-Writes loadtest/results/bench-scale.json and prints a table. Disk: see the README (measured
-bytes per reading are in the JSON). Environment: BENCH_SCALE_SIZES, BENCH_SCALE_DEVICES
+Writes loadtest/results/bench-scale.json and prints a table. Disk: see docs/performance.md
+(measured bytes per reading are in the JSON). Environment: BENCH_SCALE_SIZES, BENCH_SCALE_DEVICES
 (1000), BENCH_SCALE_INTERVAL_S (1), BENCH_SCALE_REQUESTS (200 per measure), BENCH_PORT,
 VITALSTORE_API_KEY, BENCH_KEEP_DB.
 """

@@ -475,8 +475,8 @@ async def load_readings(conn: asyncpg.Connection, devices: Sequence[str], start:
     """Readings of every device every `step` in [start, end), four metrics each, by SQL.
 
     INSERT ... SELECT fires the readings trigger like ingestion does, so `latest` and the
-    rollups are filled as if the readings had been posted; statements are cut by time so
-    each transition table stays around `rows_per_statement` rows.
+    rollups are filled as if the readings had been posted (and folded); statements are cut by
+    time so each transition table stays around `rows_per_statement` rows.
     """
     device_ids = await ensure_names(conn, "devices", devices)
     metric_ids = await ensure_names(conn, "metrics", list(METRICS))
@@ -496,6 +496,8 @@ async def load_readings(conn: asyncpg.Connection, devices: Sequence[str], start:
             await conn.execute(_LOAD_ATTRIBUTES, device_ids, cursor, until - _US, step,
                                max(1, int(step.total_seconds())))
         inserted += int(status.split()[-1])
+        # Into the rollup levels now, as a running service would within a second.
+        await conn.execute("SELECT fold_rollups()")
         cursor = until
         if progress:
             rate = inserted / max(time.monotonic() - begin, 1e-6)

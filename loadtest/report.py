@@ -1,5 +1,5 @@
-"""The results as Markdown tables: what bench.py and bench_scale.py print, and the README's
-Performance section.
+"""The results as Markdown tables: what bench.py and bench_scale.py print, and
+docs/performance.md.
 
     python loadtest/report.py     # reads loadtest/results/bench.json and bench-scale.json
 """
@@ -47,6 +47,12 @@ LAYOUT: list[tuple[str, str, str | None, str, str, str, str | None, str]] = [
      "without rollups", "batch_post_no_rollups", "rows_per_s", "rollup_ingest_cost"),
     ("COPY with rollups", "copy_ceiling", "rows_per_s", "rows/s",
      "without rollups", "copy_ceiling_no_rollups", "rows_per_s", ""),
+    ("mixed: single POST beside batches", "mixed.single_mixed", "req_per_s", "req/s",
+     "single POST alone, c32", "mixed.single_alone", "req_per_s", ""),
+    ("  latency", "mixed.single_mixed", None, "", "", "mixed.single_alone", None,
+     "mixed_single_p99_ms"),
+    ("mixed: batch POST beside singles", "mixed.batch_mixed", "rows_per_s", "rows/s",
+     "batch POST alone, c4", "mixed.batch_alone", "rows_per_s", "mixed_batch_kept"),
     ("peak RSS of the service", "peak_rss_mb", "service", "MB",
      "naive baseline", "peak_rss_mb", "naive", ""),
 ]
@@ -57,7 +63,9 @@ def side_by_side(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]
     figures = report["figures"]
 
     def cell(name: str, key: str | None, unit: str) -> str:
-        fig: dict[str, Any] = figures.get(name) or {}
+        fig: dict[str, Any] = figures
+        for part in name.split("."):  # "mixed.single_mixed": a figure inside a figure
+            fig = fig.get(part) or {}
         if not name or "skipped" in fig:
             return "-" if name else ""
         return latency(fig) if key is None else fmt(fig.get(key), unit)

@@ -26,10 +26,17 @@ from harness import auth_headers as bearer
 from support import JSON, NOW, post, store
 from vitalstore import auth, database, keys, logs, queries
 from vitalstore.app import create_app
+from vitalstore.settings import Settings
 
 FUZZ = hypothesis_settings(max_examples=60, deadline=None,
                            suppress_health_check=[HealthCheck.too_slow,
                                                   HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def settings(db_url: str) -> Settings:
+    """Readings of any age taken (one test stores a reading older than the raw horizon)."""
+    return Settings(database_url=db_url, bench_routes=True, retention_raw="forever")
 
 
 def tag() -> str:

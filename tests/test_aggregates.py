@@ -9,10 +9,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
+from litestar.testing import AsyncTestClient
 
 from support import iso, store
 from vitalstore import rollups
+from vitalstore.app import create_app
 from vitalstore.rollups import MAX_ITEMS, parse_bucket
 
 # A UTC midnight a few days back: whole days of data before now, none in the future.
@@ -257,7 +260,16 @@ async def test_week_buckets_start_on_monday_and_long_buckets_at_the_origin(clien
             == timedelta(0)
 
 
-async def test_the_oldest_readings_are_in_the_first_bucket_when_from_is_left_out(client, device):
+async def test_the_oldest_readings_are_in_the_first_bucket_when_from_is_left_out(
+        settings, api_headers, device):
+    # Readings of the year 2000 are past any raw retention but `forever`.
+    keep_all = msgspec.structs.replace(settings, retention_raw="forever")
+    async with AsyncTestClient(create_app(keep_all), timeout=30) as client:
+        client.headers.update(api_headers)
+        await _oldest_readings_in_the_first_bucket(client, device)
+
+
+async def _oldest_readings_in_the_first_bucket(client: Any, device: str) -> None:
     await store(client, [{"device": device, "timestamp": "2000-01-01T00:00:00Z", "hr": 1},
                         {"device": device, "timestamp": "2000-01-02T12:00:00Z", "hr": 2}])
     found = await items(client, device, bucket="7d")
@@ -270,7 +282,8 @@ async def test_empty_ranges(client, device):
     t = DAY0 + 4 * H
     await hourly_readings(client, device, t, 2)
     assert await items(client, device, from_=iso(t), to=iso(t)) == []
-    assert await items(client, device, from_=iso(t + H), to=iso(t)) == []
+    # `from` after `to` is a mistake, not an empty range.
+    assert (await aggregates(client, device, from_=iso(t + H), to=iso(t))).status_code == 422
     assert await items(client, device, from_=iso(t + 3 * H)) == []
     assert await items(client, device, to=iso(t)) == []
     # Far ends of the time line are fine and hold nothing.

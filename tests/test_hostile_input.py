@@ -127,7 +127,7 @@ CASES = [
          b"\n".join(encoded(reading(timestamp=NOW - i)) for i in range(MAX_ITEMS + 1)), 413,
          f"more than {MAX_ITEMS}", dict(NDJSON)),
     Case("not a reading", b"[1, 2, 3]", 422, "must be a JSON object"),
-    Case("empty body", b"", 400, "malformed JSON"),
+    Case("empty body", b"", 400, "the body is empty"),
 ]
 
 

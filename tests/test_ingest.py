@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import gzip
+import time
 
 import asyncpg
 import httpx
@@ -63,13 +65,15 @@ async def test_two_sources_with_different_metrics_at_the_same_second_both_stored
 
 
 async def test_microseconds_are_kept(client, device):
-    assert (await post(client, {"device": device, "timestamp": 1750240801.25, "hr": 1})
+    day = time.strftime("%Y-%m-%d", time.gmtime(NOW - 86400))
+    seconds = calendar.timegm(time.strptime(f"{day}T10:00:01", "%Y-%m-%dT%H:%M:%S"))
+    assert (await post(client, {"device": device, "timestamp": seconds + 0.25, "hr": 1})
             ).status_code == 202
-    assert (await post(client, {"device": device, "timestamp": "2025-06-18T12:00:01.123456+02:00",
+    assert (await post(client, {"device": device, "timestamp": f"{day}T12:00:01.123456+02:00",
                                 "hr": 2})).status_code == 202
     items = (await client.get(f"/v1/devices/{device}/readings")).json()["items"]
-    assert [i["timestamp"] for i in items] == ["2025-06-18T10:00:01.123456Z",
-                                               "2025-06-18T10:00:01.250000Z"]
+    assert [i["timestamp"] for i in items] == [f"{day}T10:00:01.123456Z",
+                                               f"{day}T10:00:01.250000Z"]
 
 
 async def test_late_reading_does_not_replace_latest(client, device):
@@ -99,6 +103,7 @@ async def test_invalid_item_rejects_whole_request(client, db, device):
     response = await post(client, body)
     assert response.status_code == 422
     assert response.json()["errors"] == [
+        {"index": 1, "field": "hr", "message": "is a metric: send a number, not a string"},
         {"index": 1, "field": "bad name!",
          "message": "metric names are 1 to 64 letters, digits, '_', '.' or '-'"}]
     assert await stored(db, device) == []
@@ -165,3 +170,46 @@ async def test_concurrent_requests_each_get_their_own_answer(server_factory, db,
         "SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id"
         " WHERE starts_with(d.name, $1)", device)
     assert count == 400
+
+
+async def test_single_post_is_not_held_behind_large_flushes(server_factory, db, db_url,
+                                                            device):
+    """Both general writers stuck in 3,000-reading flushes: a single POST still commits."""
+    server = server_factory()
+    big, small = f"{device}-big", f"{device}-small"
+    holder = await asyncpg.connect(db_url)
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers,
+                                 timeout=60) as http:
+        assert (await http.post("/v1/readings", json={"device": big, "timestamp": NOW,
+                                                      "hr": 1})).status_code == 202
+        # Hold the big device's latest row: its flushes wait on it inside the database.
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT FROM latest l JOIN devices d ON d.id = l.device_id"
+                             " WHERE d.name = $1 FOR UPDATE OF l", big)
+        try:
+            # 3,000 readings each: two requests never fit one 5,000-reading flush, so each
+            # general writer takes one and waits.
+            uploads = [asyncio.create_task(http.post("/v1/readings", json=[
+                {"device": big, "timestamp": NOW - 7000 + part * 3000 + i, "hr": i}
+                for i in range(3000)])) for part in range(2)]
+            for _ in range(400):
+                waiting = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'")
+                if waiting == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting == 2, "both large flushes should be waiting on the row lock"
+            began = time.monotonic()
+            response = await http.post("/v1/readings", json={"device": small,
+                                                             "timestamp": NOW, "hr": 2})
+            assert response.status_code == 202
+            assert time.monotonic() - began < 2.0  # a flush of one reading takes milliseconds
+            assert not any(upload.done() for upload in uploads)
+        finally:
+            await transaction.rollback()
+            await holder.close()
+        assert [(await upload).status_code for upload in uploads] == [202, 202]
+    assert len(await stored(db, big)) == 6001
+    assert await stored(db, small) == [("hr", NOW, 2.0)]

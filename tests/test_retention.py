@@ -10,9 +10,11 @@ from typing import Any
 import asyncpg
 import msgspec
 import pytest
+from litestar.testing import AsyncTestClient
 
 from conftest import set_policies_unscheduled
 from support import iso, run_cli
+from vitalstore.app import create_app
 from vitalstore.policies import HYPERTABLES, MAINTENANCE_LOCK, apply_policies, apply_retention
 from vitalstore.settings import Settings
 
@@ -32,6 +34,15 @@ def settings(db_url: str) -> Settings:
 @pytest.fixture(scope="module", autouse=True)
 async def policies(settings: Settings) -> None:
     await set_policies_unscheduled(settings)
+
+
+@pytest.fixture(scope="module")
+async def client(settings: Settings, api_headers: dict[str, str]) -> Any:
+    """A service that takes readings past the horizon (it would refuse them), to expire them."""
+    takes_old = msgspec.structs.replace(settings, retention_raw="forever")
+    async with AsyncTestClient(create_app(takes_old), timeout=30) as service:
+        service.headers.update(api_headers)
+        yield service
 
 
 async def post_hours(client: Any, device: str, first: datetime) -> None:

@@ -52,6 +52,7 @@ async def test_the_trigger_buckets_at_the_widths_of_rollups_levels(db, device):
         "INSERT INTO readings (device_id, metric_id, ts, value)"
         " SELECT d.id, m.id, $2, 1 FROM devices d, metrics m WHERE d.name = $1"
         " AND m.name = 'width'", device, moment)
+    await db.execute("SELECT fold_rollups()")  # the trigger's 1-minute delta into the levels
     for level in LEVELS:
         buckets = await db.fetch(
             f"SELECT r.bucket FROM {level.table} r JOIN devices d ON d.id = r.device_id"

@@ -39,8 +39,9 @@ from litestar.openapi.spec import Components, Reference, SecurityRequirement, Se
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
 from vitalstore import keys
+from vitalstore.api.responses import error_body
 from vitalstore.database import CONNECTION_ERRORS
-from vitalstore.keys import KEY_FORMAT, SCOPES, ApiKey, Revoked
+from vitalstore.keys import KEY_FORMAT, KEY_PREFIX, SCOPES, ApiKey, Revoked
 from vitalstore.logs import client_error
 from vitalstore.settings import Settings
 from vitalstore.telemetry import AUTH_FAILURES
@@ -68,7 +69,9 @@ _CHALLENGE = 'Bearer realm="vitalstore"'
 _INVALID = {"WWW-Authenticate": _CHALLENGE + ', error="invalid_token"'}
 _MESSAGES = {
     "missing": "an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-    "malformed": "invalid API key",
+    "scheme": "the Authorization header lacks the Bearer scheme: 'Authorization: Bearer <key>'"
+              " (or 'X-API-Key: <key>')",
+    "malformed": "invalid API key: a vitalstore key is 'vs_' and 43 letters, digits, '-' or '_'",
     "unknown": "invalid API key",
     "revoked": "API key revoked",
 }
@@ -90,6 +93,9 @@ def requires(scope: keys.KeyScope) -> dict[str, Any]:
 
 
 OPEN: Final[dict[str, Any]] = {ACCESS_OPT: "open"}
+# Routes of the system we replace: a keyless request gets the rights of the key named by
+# VITALSTORE_COMPAT_KEY_NAME, when it is set.
+COMPAT_OPT: Final = "compat"
 METRICS: Final[dict[str, Any]] = {ACCESS_OPT: "metrics", "security": _SECURITY}
 # The handler checks the key itself (the InfluxDB routes: errors in InfluxDB's shape, and a
 # 401 that says why for credentials in the URL). Only for routes that call `authorize`.
@@ -143,6 +149,10 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         elif value.strip():
             return value.strip().decode("latin-1")
     return None
+
+
+def _has_authorization(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"authorization" for name, _ in headers)
 
 
 def _remember(cache: collections.OrderedDict[bytes, Any], digest: bytes, value: Any,
@@ -207,13 +217,18 @@ class KeyStore:
         self.lookups = 0  # database lookups made, for tests and metrics
         self.lookups_peak = 0  # most lookups at once (at most LOOKUP_CONCURRENCY)
         self._lookups_running = 0
+        self.compat_key_name = settings.compat_key_name
+        self._compat: tuple[float, ApiKey | None] = (-1.0, None)
         if not self.required:
             # Logged at every start, on purpose: it must not be left on by accident.
             log.warning("VITALSTORE_AUTH=disabled: every request is served without an API key;"
                         " for local experiments only")
 
-    async def authorize(self, scope: HTTPScope, access: str) -> ApiKey:
-        """The request's key if it may do `access`; raises 400, 401, 403 or 429 otherwise."""
+    async def authorize(self, scope: HTTPScope, access: str, compat: bool = False) -> ApiKey:
+        """The request's key if it may do `access`; raises 400, 401, 403 or 429 otherwise.
+
+        `compat`: a keyless request gets the compatibility key's rights, if there is one.
+        """
         if not self.required or (access == "metrics" and self.metrics_open):
             return UNRESTRICTED
         try:
@@ -226,14 +241,19 @@ class KeyStore:
                 "send one API key, in one 'Authorization: Bearer' or one 'X-API-Key' header"
             ) from None
         if token is None:
-            raise self._refuse(scope, "missing")
-        digest = keys.digest(token)
-        # The hot path: a cached key, no await (a nested coroutine cost about 1 us here).
-        cached = self._valid.get(digest)
-        if cached is not None and cached[0] > time.monotonic():
-            key = cached[1]
+            if _has_authorization(scope["headers"]):
+                raise self._refuse(scope, "scheme", detail="Authorization without Bearer")
+            if not (compat and self.compat_key_name):
+                raise self._refuse(scope, "missing")
+            key = await self._compat_key(scope)
         else:
-            key = await self.verify(token, digest, scope)
+            digest = keys.digest(token)
+            # The hot path: a cached key, no await (a nested coroutine cost about 1 us here).
+            cached = self._valid.get(digest)
+            if cached is not None and cached[0] > time.monotonic():
+                key = cached[1]
+            else:
+                key = await self.verify(token, digest, scope)
         if self._rate_limit is not None:
             self._limit_rate(key, self._rate_limit)
         if access == "metrics":
@@ -278,7 +298,12 @@ class KeyStore:
         """The key (not found in the cache of verified keys) if it is valid; else 401."""
         now = time.monotonic()
         if not KEY_FORMAT.match(token):
-            raise self._refuse(scope, "malformed")
+            # What was wrong, never the key itself.
+            shape = ("starting with 'vs_'" if token.startswith(KEY_PREFIX)
+                     else "not starting with 'vs_'")
+            raise self._refuse(scope, "malformed",
+                               detail=f"a key of {len(token)} characters {shape}"
+                                      " (keys are 'vs_' and 43 characters)")
         refused = self._refused.get(digest)
         if refused is not None and refused[0] > now:
             raise self._refuse(scope, "revoked" if refused[1] else "unknown", digest, refused[1])
@@ -290,6 +315,25 @@ class KeyStore:
         if self._ttl > 0:
             _remember(self._refused, digest, found, now + self._ttl, self._max_refused)
         raise self._refuse(scope, "revoked" if found else "unknown", digest, found)
+
+    async def _compat_key(self, scope: HTTPScope) -> ApiKey:
+        """The key named by VITALSTORE_COMPAT_KEY_NAME, checked like any other key."""
+        expires, key = self._compat
+        if expires <= time.monotonic():
+            try:
+                async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                    key = await keys.find_active_by_name(self._pool, self.compat_key_name)
+            except CONNECTION_ERRORS as exc:
+                log.warning("cannot verify the compatibility key: %s", type(exc).__name__)
+                raise ServiceUnavailableException(
+                    "cannot verify the API key: database unavailable",
+                    headers={"Retry-After": "1"}) from None
+            self._compat = (time.monotonic() + self._ttl, key)
+        if key is None:
+            raise self._refuse(scope, "missing", detail=(
+                f"no key, and VITALSTORE_COMPAT_KEY_NAME={self.compat_key_name!r} names no"
+                " active key"))
+        return key
 
     @property
     def refused_cached(self) -> int:
@@ -331,11 +375,11 @@ class KeyStore:
                 self._lookups_running -= 1
 
     def _refuse(self, scope: HTTPScope, reason: str, digest: bytes = b"",
-                revoked: Revoked | None = None) -> NotAuthorizedException:
-        AUTH_FAILURES[reason] += 1
+                revoked: Revoked | None = None, detail: str = "") -> NotAuthorizedException:
+        AUTH_FAILURES["malformed" if reason == "scheme" else reason] += 1
         # Never the key: the name and id of a revoked one, else a fingerprint of its hash.
-        who = (f"key {revoked}" if revoked
-               else f"key sha256:{digest.hex()[:12]}" if digest else "no key")
+        who = detail or (f"key {revoked}" if revoked
+                         else f"key sha256:{digest.hex()[:12]}" if digest else "no key")
         client = scope.get("client") or ("?", 0)
         client_error(log, "authentication failed (%s): %s, %s %s from %s", reason, who,
                      scope["method"], scope["path"], client[0])
@@ -351,19 +395,25 @@ class AuthMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        access = scope["route_handler"].opt.get(ACCESS_OPT, DEFAULT_ACCESS)
+        opt = scope["route_handler"].opt
+        access = opt.get(ACCESS_OPT, DEFAULT_ACCESS)
         http = cast("HTTPScope", scope)  # the service has no websocket routes
         # OPTIONS only lists methods, and CORS preflights never carry a key.
         if access not in ("open", "handler") and http["method"] != "OPTIONS":
             store: KeyStore = scope["litestar_app"].state.services.keys
-            scope["auth"] = await store.authorize(http, access)
+            scope["auth"] = await store.authorize(http, access, COMPAT_OPT in opt)
         await self.app(scope, receive, send)
 
 
 def _error_response(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    return Response({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return Response(error_body(request.url.path, exc.detail), status_code=exc.status_code,
+                    headers=exc.headers)
 
 
-# The project's error shape (`{"error": ...}`) for what the middleware raises.
-EXCEPTION_HANDLERS: Final = {400: _error_response, 401: _error_response, 403: _error_response,
-                              404: _error_response, 429: _error_response, 503: _error_response}
+# The API's error shape (`{"error": ...}`, or the old one under /vital-data) for what the
+# middleware and Litestar's router raise.
+# 400 by class, not by status: a ValidationException (a ClientException too) keeps its own
+# handler, which explains what was wrong with the body.
+EXCEPTION_HANDLERS: Final[dict[Any, Any]] = {
+    ClientException: _error_response,
+    **{status: _error_response for status in (401, 403, 404, 405, 429, 503)}}

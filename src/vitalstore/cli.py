@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
+import logging.config
 import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from importlib.metadata import version as package_version
 from pathlib import Path
+from urllib.parse import urlparse
 
 import asyncpg
 
@@ -18,6 +22,11 @@ from vitalstore.database import NotDurable, alembic_config, check_durability
 from vitalstore.problems import AmbiguousName, InvalidKeySpec
 from vitalstore.readings import parse_time
 from vitalstore.settings import Settings
+
+# pg_advisory_lock keys: one migration at a time when replicas start at once (the first
+# migrates, the others wait and find the schema at head); one first admin key.
+MIGRATION_LOCK = 0x7669_7461_6C00_0002
+FIRST_ADMIN_LOCK = 0x7669_7461_6C00_0003
 
 
 def _alembic_upgrade(settings: Settings) -> None:
@@ -43,16 +52,27 @@ async def _ensure_database(settings: Settings) -> None:
     admin = await asyncpg.connect(settings.asyncpg_dsn, database="postgres", timeout=5)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-    except asyncpg.DuplicateDatabaseError:
-        pass
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        pass  # created meanwhile by another `db upgrade` (the second is what a race gives)
     finally:
         await admin.close()
 
 
+async def _upgrade(settings: Settings) -> None:
+    """Create the database if needed and migrate it to head, one process at a time."""
+    await _ensure_database(settings)
+    conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        # Alembic's env.py runs an event loop of its own: off this one.
+        await asyncio.to_thread(_alembic_upgrade, settings)
+        await _apply_policies(settings)
+    finally:
+        await conn.close()  # and with the session, the lock
+
+
 def database_name(dsn: str) -> str:
     """The database name of a PostgreSQL URL."""
-    from urllib.parse import urlparse
-
     name = urlparse(dsn).path.lstrip("/")
     if not name or '"' in name:
         raise SystemExit(f"cannot tell the database name from {dsn!r}")
@@ -72,12 +92,38 @@ async def _apply_policies(settings: Settings) -> None:
         await conn.close()
 
 
-async def _preflight(settings: Settings) -> None:
+async def _preflight(settings: Settings) -> dict[str, str]:
+    """Refuse a database where commits are not durable; what the start line reports."""
     conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
     try:
         await check_durability(conn)
+        row = await conn.fetchrow(
+            "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'),"
+            " current_setting('timescaledb.license', true)")
     finally:
         await conn.close()
+    # The license setting tells the editions apart: "timescale" is the community edition.
+    edition = {"timescale": "community", "apache": "Apache-2 only"}.get(row[1] or "", "unknown")
+    return {"timescaledb": row[0] or "missing", "edition": edition}
+
+
+def start_line(settings: Settings, database: dict[str, str]) -> tuple[str, dict[str, object]]:
+    """The one INFO line the service logs at start, and its fields (no password, no key)."""
+    url = urlparse(settings.asyncpg_dsn)
+    fields: dict[str, object] = {
+        "version": package_version("vitalstore"),
+        "database": f"{url.path.lstrip('/')} on {url.hostname or 'localhost'}:{url.port or 5432}",
+        "timescaledb": f"{database['timescaledb']} ({database['edition']} edition)",
+        "auth": settings.auth,
+        "compat_key": settings.compat_key_name or "none",
+        "workers": settings.workers,
+        "access_log": logs.access_log_enabled(settings),
+        "address": f"http://{settings.host}:{settings.port}",
+    }
+    message = ("vitalstore {version} serving {address}: database {database}, TimescaleDB"
+               " {timescaledb}, auth {auth}, compatibility key {compat_key}, workers {workers},"
+               " access log {access_log}").format(**fields)
+    return message, fields
 
 
 def _tune_gc() -> None:
@@ -99,13 +145,16 @@ def _tune_gc() -> None:
 def serve(settings: Settings) -> None:
     """Run the app under granian (app factory), `settings.workers` processes."""
     from granian import Granian
-    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops, TaskImpl
     from granian.log import LogLevels
 
     try:
-        asyncio.run(_preflight(settings))
+        database = asyncio.run(_preflight(settings))
     except NotDurable as exc:
         raise SystemExit(f"vitalstore: {exc}") from None
+    logging.config.dictConfig(logs.dict_config(settings))
+    message, fields = start_line(settings, database)
+    logging.getLogger("vitalstore").info(message, extra=fields)
     # Workers rebuild the settings from the environment: pass the flags on through it.
     for field in ("host", "port", "workers"):
         os.environ[f"VITALSTORE_{field.upper()}"] = str(getattr(settings, field))
@@ -119,6 +168,7 @@ def serve(settings: Settings) -> None:
         interface=Interfaces.ASGI,
         http=HTTPModes.http1,
         loop=Loops.uvloop,
+        task_impl=TaskImpl(settings.task_impl),
         log_access=False,
         log_level=LogLevels(settings.log_level.lower()),
         log_dictconfig=logs.dict_config(settings),
@@ -147,6 +197,10 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     local = keys_commands.add_parser(
         "local-admin", help=f"create (or reuse) a key named {LOCAL_ADMIN!r} kept in a file")
     local.add_argument("--file", type=Path, default=Path(".vitalstore/admin.key"))
+    first = keys_commands.add_parser(
+        "first-admin", help=f"when there is no key at all, create {FIRST_ADMIN!r} (all scopes)"
+                            " into a file and print it once (the Docker image's first start)")
+    first.add_argument("--file", type=Path, required=True)
 
 
 async def _keys_command(settings: Settings, args: argparse.Namespace) -> None:
@@ -210,16 +264,54 @@ def _local_admin(settings: Settings, path: Path) -> None:
     current = path.read_text().strip() if path.exists() else ""
     key = asyncio.run(_ensure_local_admin(settings, current))
     if key != current:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.chmod(0o600)  # also when an older file was there
-        path.write_text(key + "\n")
-        print(f"created the local admin key (all scopes) in {path}:")
+        _keep_key(path, key)
+        # Shown this once; afterwards only where it is kept (a terminal's scrollback and CI
+        # logs are no place for a key printed at every start).
+        print(f"created the local admin key (all scopes), kept in {path}:")
+        print(f"  {key}")
     else:
-        print(f"local admin key (all scopes) from {path}:")
-    print(f"  {key}")
+        print(f"local admin key (all scopes): in {path}")
     print(f'  curl -H "Authorization: Bearer $(cat {path})"'
           f" http://{settings.host}:{settings.port}/v1/devices")
+
+
+FIRST_ADMIN = "admin"
+
+
+def _keep_key(path: Path, key: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)  # also when an older file was there
+    path.write_text(key + "\n")
+
+
+async def _first_admin(settings: Settings, path: Path) -> bool:
+    """An admin key if the database has no key at all: printed this once, kept in `path`.
+
+    Under an advisory lock, so replicas starting at once create one key between them. The file
+    is written before the key commits: a key never exists that no file holds.
+    """
+    conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", FIRST_ADMIN_LOCK)
+            if await conn.fetchval("SELECT count(*) FROM api_keys") == 0:
+                key, _ = await keys.create(conn, FIRST_ADMIN, list(keys.SCOPES))
+                _keep_key(path, key)
+                print(f"created the first admin key {FIRST_ADMIN!r} (all scopes), kept in"
+                      f" {path}; it is shown only this once:\n  {key}", flush=True)
+                return True
+    finally:
+        await conn.close()
+    return False
+
+
+def _first_admin_command(settings: Settings, path: Path) -> None:
+    if asyncio.run(_first_admin(settings, path)):
+        return
+    where = f"the first admin key is in {path}" if path.exists() else (
+        "create one with `vitalstore keys create --name N --scope ingest,read,admin`")
+    print(f"API keys exist, none created ({where})", flush=True)
 
 
 def _time(text: str) -> datetime:
@@ -268,12 +360,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         serve(settings)
     elif args.command == "db" and args.db_command == "upgrade":
-        asyncio.run(_ensure_database(settings))
-        _alembic_upgrade(settings)
-        asyncio.run(_apply_policies(settings))
+        asyncio.run(_upgrade(settings))
         print("database at head", file=sys.stderr)
     elif args.command == "keys" and args.keys_command == "local-admin":
         _local_admin(settings, args.file)
+    elif args.command == "keys" and args.keys_command == "first-admin":
+        _first_admin_command(settings, args.file)
     elif args.command == "keys":
         asyncio.run(_keys_command(settings, args))
     elif args.command == "rollups":

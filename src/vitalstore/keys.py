@@ -161,5 +161,14 @@ async def find(db: Executor, key_digest: bytes) -> ApiKey | Revoked | None:
     return ApiKey(row["name"], frozenset(row["scopes"]), row["device_prefix"] or "", row["id"])
 
 
+async def find_active_by_name(db: Executor, name: str) -> ApiKey | None:
+    """The active key of that name, or None."""
+    row = await db.fetchrow(
+        "SELECT name, scopes, device_prefix FROM api_keys WHERE name = $1 AND revoked_at IS NULL",
+        name)
+    return None if row is None else ApiKey(row["name"], frozenset(row["scopes"]),
+                                           row["device_prefix"] or "")
+
+
 async def is_active(db: Executor, key: str) -> bool:
     return isinstance(await find(db, digest(key)), ApiKey)

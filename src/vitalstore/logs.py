@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import asyncpg
 import msgspec
-from litestar.types import HTTPResponseStartEvent, Scope
+from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
 from vitalstore.problems import Problem
 from vitalstore.settings import Settings
@@ -125,16 +125,84 @@ def request_id_of(scope: Scope) -> str:
 
 
 def tag_response(message: HTTPResponseStartEvent, scope: Scope) -> None:
-    """For the response start: every answer, unmatched routes included, carries its request id.
-
-    At DEBUG level the answer is also logged (an access log, off by default: the hot path
-    pays one level check).
-    """
+    """For the response start: every answer, unmatched routes included, carries its request id."""
     rid = request_id_of(scope)
     message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
-    if _access.isEnabledFor(logging.DEBUG):
-        request_id.set(rid)
-        _access.debug("%s %s %d", scope.get("method"), scope.get("path"), message["status"])
+
+
+# The start of an error answer's body is enough to find its message.
+_REASON_BYTES = 2048
+
+
+def _reason(body: bytes) -> str:
+    """The message of an error answer (any of the API's error shapes), or ""."""
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return ""
+    if not isinstance(decoded, dict):
+        return ""
+    found = decoded.get("error") or decoded.get("message") or decoded.get("detail")
+    items = decoded.get("errors") or decoded.get("issues")
+    if isinstance(items, list) and items:
+        first = items[0]
+        detail = f"{first.get('field')}: {first.get('message')}" if isinstance(first, dict) \
+            else str(first)
+        found = f"{found}: {detail}" if found else detail
+    return str(found or "")[:300]
+
+
+def access_log_enabled(settings: Settings) -> bool:
+    return settings.access_log or settings.log_level.upper() == "DEBUG"
+
+
+class AccessLogMiddleware:
+    """One line per answer: method, route, status, duration, key name, client, 4xx reason.
+
+    Installed only when the access log is on (VITALSTORE_ACCESS_LOG), so the hot path pays
+    nothing otherwise. Never logs the key itself, only the name of the key that was accepted.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 0
+        body = b""
+
+        async def observe(message: Message) -> None:
+            nonlocal status, body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and 400 <= status < 500 \
+                    and len(body) < _REASON_BYTES:
+                body += message.get("body", b"")[:_REASON_BYTES]
+            await send(message)
+
+        refusal = ""
+        try:
+            await self.app(scope, receive, observe)
+        except Exception as exc:
+            # Refusals of the key check are answered further out, by Litestar's handlers.
+            status = status or getattr(exc, "status_code", 500)
+            refusal = str(getattr(exc, "detail", "") or "")
+            raise
+        finally:
+            duration_ms = (time.perf_counter() - started) * 1000
+            key = scope.get("auth")
+            client = scope.get("client") or ("-", 0)
+            route = scope.get("path_template") or scope.get("path", "")
+            entry = {"method": scope.get("method", ""), "route": route, "status": status,
+                     "duration_ms": round(duration_ms, 2),
+                     "key": getattr(key, "name", None), "client": client[0]}
+            if 400 <= status < 500:
+                entry["reason"] = refusal or _reason(body)
+            request_id.set(request_id_of(scope))
+            _access.info("%s %s %d %.1f ms key=%s client=%s%s", entry["method"], route, status,
+                         duration_ms, entry["key"] or "-", entry["client"],
+                         f" reason={entry['reason']!r}" if "reason" in entry else "",
+                         extra=entry)
 
 
 # Lines per second about refused requests (auth failures, writes outside a prefix, parameters

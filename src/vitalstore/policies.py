@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from vitalstore.fold import fold_now
 from vitalstore.settings import Settings, parse_duration
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ async def apply_retention(conn: asyncpg.Connection, settings: Settings,
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
         return None
     try:
+        await fold_now(conn)
         now = now or await conn.fetchval("SELECT now()")
         dropped: dict[str, int] = {}
         for table in HYPERTABLES:
@@ -268,6 +270,9 @@ async def maintenance_command(settings: Settings) -> tuple[str, bool]:
     conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
     try:
         if await has_columnstore(conn):
+            # Fold first, as the fallback does: a delta folded after the drop would bring back
+            # a dropped bucket.
+            await fold_now(conn)
             runs = await run_policies(conn)
             if not runs:
                 return "no vitalstore policy jobs: run `vitalstore db upgrade` first", True

@@ -44,10 +44,15 @@ def decode_name_cursor(cursor: str) -> str:
 
 
 def decode_time_cursor(cursor: str) -> datetime:
-    """A history cursor: the time of the page's last reading, aware and within the bounds of
-    stored times (so that stepping past it cannot overflow)."""
+    """A cursor holding only a time (see cursor_time)."""
+    return cursor_time(decode_cursor(cursor))
+
+
+def cursor_time(text: str) -> datetime:
+    """The time in a history cursor: that of the page's last reading, aware and within the
+    bounds of stored times (so that stepping past it cannot overflow)."""
     try:
-        moment = datetime.fromisoformat(decode_cursor(cursor))
+        moment = datetime.fromisoformat(text)
     except ValueError as exc:
         raise BadCursor("invalid cursor") from exc
     if moment.tzinfo is None or moment.utcoffset() != timedelta(0):
@@ -197,8 +202,14 @@ async def history_page(
     items: dict[datetime, StoredReading] = {
         row["ts"]: StoredReading(row["ts"], {}, {}) for row in times
     }
+    # A reading committed between the two queries may fall inside the page's range without
+    # being one of its times (or carry a metric named after `metric_names` was read): it
+    # belongs to a later read, not to this page.
     for ts, metric_id, value in values:
-        items[ts].metrics[metric_names[metric_id]] = value
+        item = items.get(ts)
+        name = metric_names.get(metric_id)
+        if item is not None and name is not None:
+            item.metrics[name] = value
     for ts, attributes in await pool.fetch(
         "SELECT ts, attributes FROM reading_attributes"
         " WHERE device_id = $1 AND ts >= $2 AND ts < $3",

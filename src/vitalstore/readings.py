@@ -11,7 +11,8 @@ import json
 import math
 import re
 import time
-from datetime import UTC, datetime
+from collections.abc import Container
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import msgspec
@@ -23,6 +24,9 @@ from vitalstore.problems import InvalidItems, ItemError, MalformedBody, TooManyR
 _MILLISECONDS_HINT = 100_000_000_000
 
 MAX_DEVICE_CHARS = 128
+# A string that is a JSON number in full: what a metric sent as a string may hold. "1.2.3"
+# (a firmware version) and "007" (an id) are not numbers and stay attributes.
+NUMERIC_STRING = re.compile(r"\s*-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\s*")
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_REPORTED_ERRORS = 100
 # Attributes are small records, not documents; this also keeps every later recursive step
@@ -79,6 +83,9 @@ def parse_time(text: str) -> datetime:
     else:
         if not math.isfinite(seconds):
             raise ValueError(f"not a time: {text!r}")
+        if abs(seconds) >= _MILLISECONDS_HINT:
+            raise ValueError(f"{text!r} looks like milliseconds (or finer); send Unix seconds,"
+                             " e.g. 1750240800.25")
         try:
             return datetime.fromtimestamp(seconds, UTC)
         except (OverflowError, OSError, ValueError) as exc:
@@ -120,20 +127,42 @@ def _timestamp_seconds(value: Any) -> float:
     raise ValueError("must be Unix seconds or an RFC 3339 string")
 
 
-class Validator:
-    """Validates decoded items into Readings under the service's limits."""
+def _rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
-    def __init__(self, *, max_items: int, max_future_skew_s: float) -> None:
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "a string" if isinstance(value, str) else f"a JSON {type(value).__name__}"
+
+
+class Validator:
+    """Validates decoded items into Readings under the service's limits.
+
+    `retention_raw` (None: forever) refuses readings that the next retention run would delete.
+    """
+
+    def __init__(self, *, max_items: int, max_future_skew_s: float,
+                 retention_raw: timedelta | None = None, retention_setting: str = "") -> None:
         self.max_items = max_items
         self.max_future_skew_s = max_future_skew_s
+        self.retention_s = None if retention_raw is None else retention_raw.total_seconds()
+        self.retention_setting = retention_setting
 
-    def decode(self, body: bytes, content_type: str, device: str | None = None
-               ) -> list[Reading]:
+    def decode(self, body: bytes, content_type: str, device: str | None = None,
+               known_metrics: Container[str] = frozenset()) -> list[Reading]:
         """Decode and validate a request body.
 
         Raises MalformedBody, TooManyReadings or InvalidItems. `device` is the device of
-        items that name none (MQTT: the device of the topic).
+        items that name none (MQTT: the device of the topic). A field named in
+        `known_metrics` must hold a number, or a string that is one.
         """
+        if not body or body.isspace():
+            raise MalformedBody("the body is empty: send a reading object, an array of them,"
+                                " or one reading per line (application/x-ndjson)")
         ndjson = content_type == "application/x-ndjson"
         items = self._decode_ndjson(body) if ndjson else self._decode_json(body)
         injected = 0
@@ -142,7 +171,7 @@ class Validator:
                 if isinstance(item, dict) and "device" not in item:
                     item["device"] = device
                     injected += 1
-        readings, pairs = self._validate(items)
+        readings, pairs = self._validate(items, known_metrics)
         # An injected device's key and colons are not in the body.
         if device is not None:
             pairs -= injected * (1 + device.count(":"))
@@ -154,7 +183,11 @@ class Validator:
         try:
             decoded = _decoder.decode(body)
         except msgspec.DecodeError as exc:
-            raise MalformedBody(f"malformed JSON: {exc}") from None
+            hint = ""
+            if "trailing characters" in str(exc) and b"\n" in body.strip():
+                hint = ("; for one reading per line send Content-Type: application/x-ndjson,"
+                        " or wrap the readings in a JSON array")
+            raise MalformedBody(f"malformed JSON: {exc}{hint}") from None
         except RecursionError:
             raise MalformedBody("malformed JSON: nested too deeply") from None
         if isinstance(decoded, dict):
@@ -184,16 +217,19 @@ class Validator:
 
     def validate(self, items: list[Any]) -> list[Reading]:
         """Check decoded items (line protocol's points); all valid, or InvalidItems."""
-        return self._validate(items)[0]
+        return self._validate(items, frozenset())[0]
 
-    def _validate(self, items: list[Any]) -> tuple[list[Reading], int]:
+    def _validate(self, items: list[Any], known_metrics: Container[str]
+                  ) -> tuple[list[Reading], int]:
         """The readings, and the count `_raw_pairs` gives for their JSON if no key repeats."""
         readings: list[Reading] = []
         errors: list[ItemError] = []
         pairs = 0
-        latest_allowed = time.time() + self.max_future_skew_s
+        now = time.time()
+        window = (EPOCH_UNIX_S if self.retention_s is None
+                  else max(EPOCH_UNIX_S, now - self.retention_s), now + self.max_future_skew_s)
         for index, item in enumerate(items):
-            reading = self._validate_item(index, item, latest_allowed, errors)
+            reading = self._validate_item(index, item, window, known_metrics, errors)
             if reading is not None:
                 readings.append(reading)
                 # Keys of device, timestamp and metrics, and every colon of the device, of a
@@ -212,7 +248,8 @@ class Validator:
         return readings, pairs
 
     def _validate_item(
-        self, index: int, item: Any, latest_allowed: float, errors: list[ItemError]
+        self, index: int, item: Any, window: tuple[float, float],
+        known_metrics: Container[str], errors: list[ItemError]
     ) -> Reading | None:
         if not isinstance(item, dict):
             errors.append(ItemError(index, "", "a reading must be a JSON object"))
@@ -224,6 +261,11 @@ class Validator:
             errors.append(ItemError(index, "device", "required, a string"))
         elif not 1 <= len(device) <= MAX_DEVICE_CHARS:
             errors.append(ItemError(index, "device", "must be 1 to 128 characters"))
+        elif "/" in device or device in (".", ".."):
+            # Clients resolve "." and ".." in a URL path before sending it.
+            errors.append(ItemError(index, "device", "must not contain '/' nor be '.' or '..':"
+                                    " a device id is one segment of its URLs"
+                                    " (/v1/devices/{device}/latest)"))
         elif not device.isprintable():
             errors.append(
                 ItemError(index, "device", "must hold printable characters only "
@@ -241,7 +283,14 @@ class Validator:
             else:
                 if seconds < EPOCH_UNIX_S:
                     errors.append(ItemError(index, "timestamp", "must not be before 2000-01-01"))
-                elif seconds > latest_allowed:
+                elif seconds < window[0]:
+                    errors.append(ItemError(
+                        index, "timestamp",
+                        f"is older than the raw retention horizon {_rfc3339(window[0])}"
+                        f" (VITALSTORE_RETENTION_RAW={self.retention_setting}): the next"
+                        " retention run would delete it",
+                    ))
+                elif seconds > window[1]:
                     errors.append(ItemError(
                         index, "timestamp",
                         f"is more than {self.max_future_skew_s:g} s in the future",
@@ -254,6 +303,17 @@ class Validator:
         for name, value in item.items():
             if name == "device" or name == "timestamp":
                 continue
+            if type(value) is not int and type(value) is not float and name in known_metrics:
+                # A known metric's value sent as a string is stored as the number it is;
+                # anything else in its place would silently become an attribute.
+                if isinstance(value, str) and NUMERIC_STRING.fullmatch(value):
+                    value = float(value)
+                else:
+                    errors.append(ItemError(
+                        index, name, f"is a metric: send a number, not {_json_kind(value)}"
+                        + (" (leave the field out when there is no value)"
+                           if value is None else "")))
+                    continue
             if isinstance(value, int | float) and not isinstance(value, bool):
                 if not METRIC_NAME.fullmatch(name):
                     errors.append(ItemError(
@@ -279,6 +339,10 @@ class Validator:
                 attributes[name] = value
 
         if len(errors) > failed:
+            return None
+        if not metrics and not attributes:
+            errors.append(ItemError(index, "", "a reading needs at least one metric (a number)"
+                                    " or attribute besides device and timestamp"))
             return None
         encoded = None
         if attributes:

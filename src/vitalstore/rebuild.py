@@ -2,8 +2,8 @@
 
 For repairs after manual edits. The range is widened to whole UTC days, so that every level's
 buckets (1m, 1h, 1d) are whole, and worked through in slices: one day and a group of devices,
-each slice one transaction that deletes the slice's rollup rows and inserts them again from
-the raw rows, grouped by `time_bucket` exactly as the ingest trigger groups them.
+each slice one transaction that deletes the slice's rollup rows (pending deltas included) and
+inserts them again from the raw rows, grouped by `time_bucket` as the fold groups them.
 
 Safe next to live ingestion: a slice first locks the readings table against writers (`SHARE
 ROW EXCLUSIVE` on the hypertable's root, which every insert locks first), so no reading can
@@ -23,6 +23,7 @@ import asyncpg
 from tqdm import tqdm
 
 from vitalstore.database import ONE_MICROSECOND
+from vitalstore.fold import FOLD_LOCK
 from vitalstore.policies import horizon
 from vitalstore.rollups import LEVELS, floor_to
 from vitalstore.settings import Settings
@@ -33,8 +34,8 @@ ATTEMPTS = 3
 
 # Devices with raw rows on a day, found with one index probe each (a skip scan over the
 # (device_id, ts, metric_id) index), and those with rollup rows on it (raw rows deleted by
-# hand; found through the (metric_id, bucket) index), with the day's row count as the rollups
-# know it, to size the slices.
+# hand; found through the (metric_id, bucket) index, or among the pending deltas), with the
+# day's row count as the rollups know it, to size the slices.
 _DEVICES_OF_DAY = """
     WITH RECURSIVE raw (id) AS (
         SELECT min(device_id) FROM readings WHERE ts >= $1 AND ts < $2
@@ -48,6 +49,8 @@ _DEVICES_OF_DAY = """
         UNION ALL
         SELECT device_id, count FROM rollup_1d
         WHERE metric_id = ANY(ARRAY(SELECT id FROM metrics)) AND bucket = $1
+        UNION ALL
+        SELECT device_id, count FROM rollup_pending WHERE bucket >= $1 AND bucket < $2
     ) AS found
     GROUP BY id ORDER BY id
 """
@@ -57,6 +60,8 @@ _GIVEN_DEVICES_OF_DAY = """
     FROM unnest($3::int4[]) AS id
     WHERE EXISTS (SELECT FROM readings WHERE device_id = id AND ts >= $1 AND ts < $2)
        OR EXISTS (SELECT FROM rollup_1d WHERE device_id = id AND bucket = $1)
+       OR EXISTS (SELECT FROM rollup_pending
+                  WHERE device_id = id AND bucket >= $1 AND bucket < $2)
     ORDER BY id
 """
 
@@ -67,9 +72,9 @@ def _interval(width: timedelta) -> str:
 
 # Table names and widths come from rollups.LEVELS, never from input (hence the noqa).
 _DELETES = [
-    f"DELETE FROM {level.table}"  # noqa: S608
+    f"DELETE FROM {table}"  # noqa: S608
     " WHERE device_id = ANY($1::int4[]) AND bucket >= $2 AND bucket < $3"
-    for level in LEVELS
+    for table in ("rollup_pending", *(level.table for level in LEVELS))
 ]
 _LEVEL_INSERT = """
     INSERT INTO {table} (device_id, metric_id, bucket, count, sum, min, max)
@@ -114,6 +119,9 @@ async def _rebuild_slice(conn: asyncpg.Connection, device_ids: list[int], day: d
     for attempt in range(ATTEMPTS):
         try:
             async with conn.transaction():
+                # No fold between the deletes and the inserts: it would merge deltas of
+                # readings the inserts count again.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", FOLD_LOCK)
                 await conn.execute("LOCK TABLE ONLY readings IN SHARE ROW EXCLUSIVE MODE")
                 for delete in _DELETES:
                     await conn.execute(delete, device_ids, day, day + DAY)

@@ -1,9 +1,12 @@
 """Aggregates from the rollup tables: bucket sizes, the level that serves them, the read SQL.
 
 The rollup tables (revision 0002) hold count, sum, min and max per device, metric and
-1-minute, 1-hour or 1-day bucket, kept exact by the readings trigger. A request's bucket is
-answered from the coarsest level whose width divides it, by combining rows: sum of counts and
-sums, min of mins, max of maxes. Raw readings are never read here.
+1-minute, 1-hour or 1-day bucket. The readings trigger appends each flush's 1-minute deltas to
+`rollup_pending`, and `fold_rollups()` (run every second, see fold.py) moves
+them into the three levels in one transaction (revision 0006). A request's bucket is answered
+from the coarsest level whose width divides it together with the pending deltas, by combining
+rows: sum of counts and sums, min of mins, max of maxes. So answers are exact the moment a
+reading is acknowledged, whether the fold has run or not. Raw readings are never read here.
 
 Alignment: buckets are `time_bucket(bucket, ts)` with TimescaleDB's default origin,
 2000-01-03T00:00:00Z (a Monday), in UTC whatever the session's time zone. So buckets of whole
@@ -106,28 +109,37 @@ def whole_buckets(start: datetime, end: datetime, width: timedelta
 _START = """to_char(start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 
 
-def _bucket_of(bucket: Bucket) -> str:
-    """The SQL giving a rollup row's request bucket: its own, or time_bucket over it."""
-    if bucket.width == bucket.level.width:
-        return "bucket"
-    return f"time_bucket(INTERVAL '{int(bucket.width.total_seconds())} seconds', bucket)"
+def rows_of(level: Level, where: str, width: timedelta) -> str:
+    """A level's rows and the pending deltas, both filtered by `where`, each with the
+    `start` of its bucket of `width` (a multiple of the level's), for the caller to group.
+
+    The same bounds fit both: range bounds are whole buckets of the level, so a pending
+    1-minute bucket lies inside them exactly when the level's bucket holding it does. A
+    level row is its own bucket when the widths agree: no time_bucket per row there.
+    Measured, 30 days hourly (2,880 rows, machine shared and noisy): time_bucket on every
+    row 42-55 ms, against 24-37 ms for the level's rows alone before revision 0006; without
+    it on the level's rows 16-33 ms, within the noise of the rows alone.
+    """
+    to_width = f"time_bucket(INTERVAL '{int(width.total_seconds())} seconds', bucket)"
+    own = "bucket" if width == level.width else to_width
+    return f"""
+        SELECT device_id, metric_id, {own} AS start, count, sum, min, max FROM {level.table}
+        WHERE {where}
+        UNION ALL
+        SELECT device_id, metric_id, {to_width}, count, sum, min, max FROM rollup_pending
+        WHERE {where}"""  # noqa: S608
 
 
 # Table names and bucket widths come from LEVELS and parse_bucket, never from raw input
 # (hence the noqa). Rows come out in the order and shape of the JSON items.
 def _device_sql(bucket: Bucket, filtered: bool) -> str:
     only = "AND metric_id = ANY($4::int4[])" if filtered else ""
-    if bucket.width == bucket.level.width:
-        rows = f"""
-            SELECT metric_id, bucket AS start, count, sum, min, max FROM {bucket.level.table}
-            WHERE device_id = $1 AND bucket >= $2 AND bucket < $3 {only}"""  # noqa: S608
-    else:
-        rows = f"""
-            SELECT metric_id, {_bucket_of(bucket)} AS start, sum(count)::int8 AS count,
-                   sum(sum) AS sum, min(min) AS min, max(max) AS max
-            FROM {bucket.level.table}
-            WHERE device_id = $1 AND bucket >= $2 AND bucket < $3 {only}
-            GROUP BY 1, 2"""  # noqa: S608
+    where = f"device_id = $1 AND bucket >= $2 AND bucket < $3 {only}"
+    rows = f"""
+        SELECT metric_id, start, sum(count)::int8 AS count,
+               sum(sum) AS sum, min(min) AS min, max(max) AS max
+        FROM ({rows_of(bucket.level, where, bucket.width)}) AS u
+        GROUP BY 1, 2"""  # noqa: S608
     return f"""
         SELECT {_START} AS start, m.name AS metric, g.count, g.sum, g.min, g.max,
                g.sum / g.count AS avg
@@ -141,14 +153,14 @@ def _device_sql(bucket: Bucket, filtered: bool) -> str:
 def _fleet_sql(bucket: Bucket, prefixed: bool) -> str:
     devices = "AND device_id IN (SELECT id FROM devices WHERE starts_with(name, $4))" \
         if prefixed else ""
+    where = f"metric_id = $1 AND bucket >= $2 AND bucket < $3 {devices}"
     return f"""
         SELECT {_START} AS start, count, sum, min, max, sum / count AS avg, devices
         FROM (
-            SELECT {_bucket_of(bucket)} AS start, sum(count)::int8 AS count,
+            SELECT start, sum(count)::int8 AS count,
                    sum(sum) AS sum, min(min) AS min, max(max) AS max,
                    count(DISTINCT device_id) AS devices
-            FROM {bucket.level.table}
-            WHERE metric_id = $1 AND bucket >= $2 AND bucket < $3 {devices}
+            FROM ({rows_of(bucket.level, where, bucket.width)}) AS u
             GROUP BY 1
         ) AS g
         ORDER BY g.start
@@ -215,13 +227,13 @@ async def _suggest(pool: asyncpg.Pool, bucket: Bucket, start: datetime, end: dat
         clipped = whole_buckets(start, end, candidate.width)
         if clipped is None:
             continue  # it would fit by answering nothing: no help
-        table = candidate.level.table
-        key = f"{table} {clipped}"
+        key = f"{candidate.level.table} {clipped}"
         if key not in spans:
+            where = f"{scope} AND bucket >= ${len(args) + 1} AND bucket < ${len(args) + 2}"
             spans[key] = await pool.fetch(
-                f"SELECT min(bucket) AS first, max(bucket) AS last FROM {table}"  # noqa: S608
-                f" WHERE {scope} AND bucket >= ${len(args) + 1} AND bucket < ${len(args) + 2}"
-                f" GROUP BY metric_id",
+                "SELECT min(start) AS first, max(start) AS last FROM"  # noqa: S608
+                f" ({rows_of(candidate.level, where, candidate.level.width)}) AS u"
+                " GROUP BY metric_id",
                 *args, *clipped)
         items = sum((floor_to(row["last"], candidate.width) - floor_to(row["first"],
                      candidate.width)) // candidate.width + 1 for row in spans[key])

@@ -106,6 +106,20 @@ def _rollup(name: str) -> Table:
 # Per device and metric: count, sum, min, max per bucket of each level's width. Hypertables.
 rollups = [_rollup(level.table) for level in LEVELS]
 
+# 1-minute deltas appended by the readings trigger, folded into the levels (revision 0006).
+# A plain table with no key or index: only appended to, scanned, and emptied by the fold.
+rollup_pending = Table(
+    "rollup_pending",
+    metadata,
+    Column("device_id", Integer, nullable=False),
+    Column("metric_id", Integer, nullable=False),
+    Column("bucket", TS, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("sum", Double, nullable=False),
+    Column("min", Double, nullable=False),
+    Column("max", Double, nullable=False),
+)
+
 
 # API keys (revision 0003). Only the SHA-256 of a key is stored; `device_prefix` NULL means
 # every device. A name is unique among the keys not revoked of the same prefix (revision 0005).

@@ -44,8 +44,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Group commit: a flush starts when this many readings wait, or this long after the first.
     flush_max_readings: int = 5_000
     flush_interval_ms: float = 2.0
-    # Flushes run concurrently on up to this many connections.
+    # Flushes run concurrently on up to this many connections, plus one that flushes small
+    # requests only (at most this many readings), so they never wait behind a large flush.
     writer_connections: int = 2
+    small_request_readings: int = 100
     read_pool_size: int = 4
     # Seconds a flush may take before its requests get 503 (the transaction is abandoned).
     flush_timeout_s: float = 10.0
@@ -67,6 +69,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retention_1d: str = "forever"
     # Apache-only TimescaleDB (no policy jobs): how often the service applies retention itself.
     maintenance_interval_s: float = 3600.0
+    # Seconds between folds of the pending rollup deltas into the levels (answers are exact
+    # either way; the fold keeps the pending table small).
+    rollup_fold_interval_s: float = 1.0
 
     # Access control: "required" or "disabled" (local experiments only; warned at each start).
     auth: Literal["required", "disabled"] = "required"
@@ -93,9 +98,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # one process holds at most; unacknowledged messages stop the flow.
     mqtt_receive_maximum: int = 200
     mqtt_session_expiry_s: int = 86_400
+    # Clients of the system we replace send no key: a keyless /vital-data request gets the
+    # rights of the key of this name ("" lets none in).
+    compat_key_name: str = ""
+
+    # granian's task implementation for the ASGI callables.
+    task_impl: Literal["asyncio", "rust"] = "asyncio"
 
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
+    # One line per answer (also at log level DEBUG).
+    access_log: bool = False
+    # Browser clients: origins allowed by CORS, comma-separated ("" allows none, "*" any).
+    cors_origins: str = ""
 
     def __post_init__(self) -> None:
         for name in ("chunk_interval", "columnstore_after", "retention_raw", "retention_1m",

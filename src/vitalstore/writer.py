@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import time
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +99,22 @@ class NameIds:
         )
         self._select = f"SELECT id, name FROM {table} WHERE name = ANY($1::text[])"
         self._select_ids = f"SELECT id, name FROM {table} WHERE id = ANY($1::int4[])"
+        self._select_all = f"SELECT id, name FROM {table}"
+        self._loaded_at = -math.inf
+
+    async def all_names(self, conn: asyncpg.Connection | asyncpg.Pool, max_age_s: float
+                        ) -> Container[str]:
+        """Every name of the table, reloaded once older than `max_age_s` (for the few metrics,
+        not for devices); names this process created or looked up are in at once."""
+        now = time.monotonic()
+        if now - self._loaded_at >= max_age_s:
+            self._loaded_at = now  # one reload at a time, not one per waiting request
+            try:
+                self._remember(await conn.fetch(self._select_all))
+            except BaseException:
+                self._loaded_at = -math.inf
+                raise
+        return self._ids.keys()
 
     def _remember(self, records: Iterable[asyncpg.Record]) -> None:
         for record in records:

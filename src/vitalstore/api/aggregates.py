@@ -12,11 +12,12 @@ from litestar.params import FromPath, QueryParameter
 
 from vitalstore import queries, rollups
 from vitalstore.api.common import (
+    NamesQuery,
     OptionalQuery,
     error,
     query_names,
+    query_range,
     query_text,
-    query_time,
     services_of,
 )
 from vitalstore.api.responses import RetryAfterOperation, errors
@@ -68,7 +69,7 @@ def _range(bucket: str | None, from_: str | None, to: str | None
         spec = rollups.parse_bucket(DEFAULT_BUCKET if bucket is None else bucket)
     except ValueError as exc:
         raise BadQuery("bucket", str(exc)) from None
-    return spec, query_time("from", from_, EARLIEST), query_time("to", to, LATEST)
+    return (spec, *query_range(from_, to, EARLIEST, LATEST))
 
 
 @get("/v1/devices/{device:str}/aggregates",
@@ -78,7 +79,7 @@ def _range(bucket: str | None, from_: str | None, to: str | None
 async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
                             device: FromPath[str], from_: FromQuery = None,
                             to: OptionalQuery = None, bucket: OptionalQuery = None,
-                            metrics: OptionalQuery = None) -> Response[DeviceAggregates]:
+                            metrics: NamesQuery = None) -> Response[DeviceAggregates]:
     """Items by metric, then start; buckets without data are left out.
 
     `bucket` (default 1h) is a whole number of minutes, hours or days from 1m to 31d; buckets
@@ -88,13 +89,13 @@ async def device_aggregates(request: Request[Any, ApiKey, Any], state: State,
     services = services_of(state)
     spec, start, end = _range(bucket, from_, to)
     visible = request.auth.covers(query_text("device", device))
-    names = query_names("metrics", metrics) if metrics else None
+    names = query_names("metrics", metrics)
     # Outside the key's prefix: the same 404 as an unknown device, no hint that it exists.
     found = await queries.find_device(services.pool, device) if visible else None
     if found is None:
         return error(404, f"unknown device {device!r}")
     metric_ids = None
-    if names is not None:
+    if names:
         metric_ids = sorted((await services.metric_ids.ids(
             services.pool, names, create=False)).values())
     rows = await rollups.device_aggregates(services.pool, found.id, spec, start, end, metric_ids)

@@ -17,20 +17,28 @@ from litestar.response import Stream
 from vitalstore import queries
 from vitalstore.api.common import (
     UNSTORABLE,
+    NamesQuery,
     OptionalQuery,
+    compat_error,
     error,
     query_int,
     query_names,
+    query_range,
     query_text,
-    query_time,
     services_of,
 )
-from vitalstore.api.responses import CompatOrAuthError, RetryAfterOperation, errors
-from vitalstore.auth import effective_prefix, requires
+from vitalstore.api.responses import CompatError, RetryAfterOperation, errors
+from vitalstore.auth import COMPAT_OPT, effective_prefix, requires
 from vitalstore.database import EARLIEST, LATEST, ONE_MICROSECOND
 from vitalstore.keys import ApiKey
 from vitalstore.problems import BadQuery
-from vitalstore.queries import BadCursor, decode_name_cursor, decode_time_cursor, encode_cursor
+from vitalstore.queries import (
+    BadCursor,
+    cursor_time,
+    decode_cursor,
+    decode_name_cursor,
+    encode_cursor,
+)
 from vitalstore.readings import datetime_to_rfc3339, storable
 from vitalstore.services import Services
 
@@ -54,6 +62,7 @@ class LatestObject(msgspec.Struct):
 class LatestPage(msgspec.Struct):
     items: list[LatestObject]
     next_cursor: str | None
+    not_found: list[str]  # of the ids asked for by `device`
 
 
 class DeviceItem(msgspec.Struct):
@@ -88,15 +97,6 @@ def _cursor(value: str | None) -> str | None:
         return None
     try:
         return decode_name_cursor(value)
-    except BadCursor:
-        raise BadQuery("cursor", "invalid cursor") from None
-
-
-def _time_cursor(value: str | None) -> datetime | None:
-    if value is None or value == "":
-        return None
-    try:
-        return decode_time_cursor(value)
     except BadCursor:
         raise BadQuery("cursor", "invalid cursor") from None
 
@@ -147,6 +147,11 @@ def _compat_resource(device: queries.CompatDevice) -> dict[str, Any]:
 async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuery = None,
                        limit: OptionalQuery = None, cursor: OptionalQuery = None
                        ) -> Response[DevicePage]:
+    """Devices in id order, a page of `limit` (default 100, at most 1000) at a time.
+
+    `prefix` narrows to ids starting with it (within the key's own prefix); `next_cursor`
+    gives the next page, or null after the last.
+    """
     services = services_of(state)
     size = query_int("limit", limit, 100, 1, 1000)
     after = _cursor(cursor)
@@ -162,6 +167,11 @@ async def list_devices(request: KeyedRequest, state: State, prefix: OptionalQuer
      **requires("read"))
 async def device_latest(request: KeyedRequest, state: State, device: DeviceId
                         ) -> Response[LatestObject]:
+    """The newest value and time of every metric of one device.
+
+    A late reading never replaces a newer value. A device outside the key's prefix answers
+    404, as an unknown one does.
+    """
     # Outside the key's prefix answers as an unknown device: no hint that it exists.
     pool = services_of(state).pool
     found = await queries.latest(pool, [device]) if _device(request, device) else []
@@ -177,19 +187,26 @@ async def bulk_latest(request: KeyedRequest, state: State,
                       device: Annotated[list[str] | None, QueryParameter(required=False)] = None,
                       limit: OptionalQuery = None, cursor: OptionalQuery = None
                       ) -> Response[LatestPage]:
+    """Latest values of the devices named by repeated `device=` (at most 1000), or of every
+    device by page (`limit`, `cursor`) when none is named.
+
+    Devices unknown or outside the key's prefix are left out.
+    """
     services = services_of(state)
     key = request.auth
     if device:
         if len(device) > 1000:
             return error(422, "at most 1000 device ids", parameter="device")
-        names = sorted({d for d in device if _device(request, d)})
-        items = await queries.latest(services.pool, names)
-        return Response(LatestPage([_latest_object(i) for i in items], None))
+        items = await queries.latest(services.pool,
+                                     sorted({d for d in device if _device(request, d)}))
+        # Unknown devices (and those outside the key's prefix, alike) are named, not dropped.
+        not_found = sorted(set(device).difference(item.device for item in items))
+        return Response(LatestPage([_latest_object(i) for i in items], None, not_found))
     size = query_int("limit", limit, 100, 1, 1000)
     after = _cursor(cursor)
     page, next_cursor = await _device_page(services, key.prefix, size, after)
     items = await queries.latest(services.pool, [d.name for d in page])
-    return Response(LatestPage([_latest_object(i) for i in items], next_cursor))
+    return Response(LatestPage([_latest_object(i) for i in items], next_cursor, []))
 
 
 class _HistoryQuery(msgspec.Struct):
@@ -201,15 +218,14 @@ class _HistoryQuery(msgspec.Struct):
 
 
 async def _history_query(services: Services, device_id: int, from_: str | None,
-                         to: str | None, metrics: str | None, order: str | None
+                         to: str | None, metrics: list[str] | None, order: str | None
                          ) -> _HistoryQuery:
-    start = query_time("from", from_, EARLIEST)
-    end = query_time("to", to, LATEST)
+    start, end = query_range(from_, to, EARLIEST, LATEST)
     if order not in (None, "", "asc", "desc"):
         raise BadQuery("order", "must be asc or desc")
     metric_ids = None
-    if metrics:
-        names = query_names("metrics", metrics)
+    names = query_names("metrics", metrics)
+    if names:
         known = await services.metric_ids.ids(services.pool, names, create=False)
         metric_ids = {metric_id: name for name, metric_id in known.items()}
     return _HistoryQuery(device_id, start, end, metric_ids, order == "desc")
@@ -239,9 +255,15 @@ async def _page(services: Services, q: _HistoryQuery, limit: int,
 async def device_readings(
     request: KeyedRequest, state: State, device: DeviceId,
     from_: Annotated[str | None, QueryParameter(name="from", required=False)] = None,
-    to: OptionalQuery = None, metrics: OptionalQuery = None, order: OptionalQuery = None,
+    to: OptionalQuery = None, metrics: NamesQuery = None, order: OptionalQuery = None,
     limit: OptionalQuery = None, cursor: OptionalQuery = None,
 ) -> Response[HistoryPage] | Stream:
+    """One item per reading (`timestamp`, `metrics`, `attributes`) in [from, to), oldest first
+    (`order=desc`: newest first), a page of `limit` (default 1000, at most 10,000) at a time.
+
+    `metrics=a,b` keeps only those metrics. With `Accept: application/x-ndjson` or `text/csv`
+    the whole range is streamed instead of a page.
+    """
     services = services_of(state)
     found = (await queries.find_device(services.pool, device)
              if _device(request, device) else None)
@@ -249,15 +271,40 @@ async def device_readings(
         return error(404, f"unknown device {device!r}")
     q = await _history_query(services, found.id, from_, to, metrics, order)
     size = query_int("limit", limit, 1000, 1, 10_000)
-    after = _time_cursor(cursor)
+    after = _history_cursor(cursor, q.descending)
     accept = request.headers.get("accept", "")
     if "application/x-ndjson" in accept:
         return Stream(_export_ndjson(services, q), media_type="application/x-ndjson")
     if "text/csv" in accept:
         return Stream(_export_csv(services, q), media_type="text/csv")
     items, more = await _page(services, q, size, after)
-    next_cursor = encode_cursor(items[-1].ts.isoformat()) if more else None
+    next_cursor = (encode_cursor(f"{_order(q.descending)}:{items[-1].ts.isoformat()}")
+                   if more else None)
     return Response(HistoryPage([_history_item(i) for i in items], next_cursor))
+
+
+def _order(descending: bool) -> str:
+    return "desc" if descending else "asc"
+
+
+def _history_cursor(cursor: str | None, descending: bool) -> datetime | None:
+    """The time a history cursor continues from; it must come from a page of the same order."""
+    if cursor is None or cursor == "":
+        return None
+    try:
+        text = decode_cursor(cursor)
+    except BadCursor:
+        raise BadQuery("cursor", "invalid cursor") from None
+    order, _, moment = text.partition(":")
+    if order not in ("asc", "desc"):
+        raise BadQuery("cursor", "invalid cursor")
+    if order != _order(descending):
+        raise BadQuery("cursor", f"this cursor continues an order={order} page: ask again with"
+                       f" order={order} (and the same from, to and metrics)")
+    try:
+        return cursor_time(moment)
+    except BadCursor:
+        raise BadQuery("cursor", "invalid cursor") from None
 
 
 async def _all_items(services: Services, q: _HistoryQuery
@@ -300,16 +347,37 @@ async def _export_csv(services: Services, q: _HistoryQuery) -> AsyncIterator[str
     yield buffer.getvalue()
 
 
+_VITAL_DATA_ANSWER = (
+    'Answers `{"total": N, "resources": [{"deviceId": "bed-1", "lastUpdated": 1750240800,'
+    ' "heartRateValue": 72, ...}]}`: `total` counts every device the key may read,'
+    " `lastUpdated` is the Unix time (seconds) of the device's newest reading, and each metric"
+    " the device has reported appears under its own name with its latest value. Errors answer"
+    ' `{"status": "error", "message": ...}`. Without a key, the rights of the key named by'
+    " VITALSTORE_COMPAT_KEY_NAME apply, when it is set.")
+
+
 @get("/vital-data", summary="Compatibility: devices with their latest values (old API)",
-     operation_class=RetryAfterOperation,
-     responses=errors(400, 401, 403, 422, 503, s400=CompatOrAuthError),
-     **requires("read"))
+     description=_VITAL_DATA_ANSWER, operation_class=RetryAfterOperation,
+     responses=errors(400, 401, 403, 422, 503, body=CompatError),
+     opt={COMPAT_OPT: True}, **requires("read"))
 async def get_vital_data(
-    request: KeyedRequest, state: State, count: OptionalQuery = None,
-    offset: OptionalQuery = None,
-    sort_by: Annotated[str | None, QueryParameter(name="sortBy", required=False)] = None,
-    order_by: Annotated[str | None, QueryParameter(name="orderBy", required=False)] = None,
+    request: KeyedRequest, state: State,
+    count: Annotated[str | None, QueryParameter(
+        required=False, description="devices per page, 1 to 100 (default 20)")] = None,
+    offset: Annotated[str | None, QueryParameter(
+        required=False, description="devices to skip (default 0)")] = None,
+    sort_by: Annotated[str | None, QueryParameter(
+        name="sortBy", required=False,
+        description="`timestamp` (last reading, the default), `deviceId`, or a metric name:"
+                    " by its latest value, devices without it last")] = None,
+    order_by: Annotated[str | None, QueryParameter(
+        name="orderBy", required=False, description="`desc` (default) or `asc`")] = None,
 ) -> Response[CompatPage]:
+    """The replaced system's listing: `{"total", "resources": [{"deviceId", "lastUpdated", ...}]}`.
+
+    `count` (default 20, at most 100), `offset`, `sortBy` and `orderBy` (`asc` or `desc`,
+    default desc) as the old API took them.
+    """
     try:
         size = query_int("count", count, 20, 1, 100)
         skip = query_int("offset", offset, 0, 0, 10_000_000)
@@ -326,7 +394,7 @@ async def get_vital_data(
 
 
 def _compat_error(message: str) -> Response[Any]:
-    return Response({"status": "error", "message": message}, status_code=400)
+    return compat_error(400, message)
 
 
 ROUTES = [list_devices, device_latest, bulk_latest, device_readings, get_vital_data]

@@ -12,19 +12,24 @@ from litestar.datastructures import State
 from litestar.exceptions import ClientException, InternalServerException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from vitalstore.api.common import answer, services_of
+from vitalstore.api.common import answer, compat_error, services_of
 from vitalstore.api.responses import (
     JSON,
     NDJSON,
-    CompatOrAuthError,
+    CompatError,
     ItemErrors,
     ReadingsOperation,
     errors,
 )
-from vitalstore.auth import forbid_outside_prefix, requires
+from vitalstore.auth import COMPAT_OPT, forbid_outside_prefix, requires
+from vitalstore.database import CONNECTION_ERRORS
 from vitalstore.keys import ApiKey
-from vitalstore.problems import BodyProblem, InvalidItems, Problem, RetryLater
+from vitalstore.problems import BodyProblem, InvalidItems, Problem, RetryLater, Unavailable
 from vitalstore.services import Services
+
+# Metric names made by other processes are known here within this many seconds (those this
+# process makes or looks up, at once): until then a string in that field stays an attribute.
+KNOWN_METRICS_MAX_AGE_S = 10.0
 
 
 class Accepted(msgspec.Struct):
@@ -105,7 +110,12 @@ async def ingest(request: Request[Any, ApiKey, Any], services: Services) -> int:
     batcher.admit()
     try:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-        readings = services.validator.decode(body, media_type)
+        try:
+            known_metrics = await services.metric_ids.all_names(services.pool,
+                                                                KNOWN_METRICS_MAX_AGE_S)
+        except CONNECTION_ERRORS as exc:
+            raise Unavailable("database unavailable") from exc
+        readings = services.validator.decode(body, media_type, known_metrics=known_metrics)
         if not readings:
             return 0
         # Before ids are resolved: a refused request must not even register its devices.
@@ -141,8 +151,8 @@ async def post_readings(request: Request[Any, ApiKey, Any], state: State) -> Res
 
 @post("/vital-data", status_code=202, summary="Compatibility: store readings (old API)",
       operation_class=ReadingsOperation, response_description="Stored (committed)",
-      responses=errors(400, 401, 403, 408, 413, 415, 503, s400=CompatOrAuthError),
-      **requires("ingest"))
+      responses=errors(400, 401, 403, 408, 413, 415, 503, body=CompatError),
+      opt={COMPAT_OPT: True}, **requires("ingest"))
 async def post_vital_data(request: Request[Any, ApiKey, Any],
                           state: State) -> Response[CompatAccepted]:
     """The replaced system's ingest route, now durable: 202 only after commit."""
@@ -156,7 +166,9 @@ async def post_vital_data(request: Request[Any, ApiKey, Any],
             return _compat_invalid(exc.content()["errors"])
         if isinstance(exc, RetryLater) or (isinstance(exc, BodyProblem)
                                            and exc.status in (408, 413, 415)):
-            return _answer(services, exc)
+            if isinstance(exc, RetryLater):
+                services.telemetry.unavailable.labels(exc.cause).inc()
+            return compat_error(exc.status, str(exc), headers=exc.headers)
         return _compat_invalid([str(exc)])
     return Response(CompatAccepted("accepted"), status_code=202)
 

@@ -50,6 +50,10 @@ class KeyList(msgspec.Struct):
       **requires("admin"))
 async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
                      ) -> Response[CreatedKey]:
+    """Create a key with `scopes` (ingest, read, admin) and an optional device `prefix`.
+
+    The answer holds the key itself, once: only its SHA-256 is stored.
+    """
     admin = request.auth
     if not (data.prefix or "").startswith(admin.prefix):
         return error(403, f"this key manages only keys within prefix {admin.prefix!r}")
@@ -68,6 +72,7 @@ async def create_key(request: AdminRequest, state: State, data: JSONBody[NewKey]
      operation_class=RetryAfterOperation, responses=errors(401, 403, 503),
      **requires("admin"))
 async def list_keys(request: AdminRequest, state: State) -> KeyList:
+    """Every key's name, scopes, prefix, creation and revocation time; never a key."""
     return KeyList(await keys.list_all(services_of(state).pool, within=request.auth.prefix))
 
 
@@ -79,6 +84,7 @@ async def revoke_key(request: AdminRequest, state: State, name: FromPath[str],
                      key_id: Annotated[str | None,
                                        QueryParameter(name="id", required=False)] = None
                      ) -> None:
+    """Revoke the active key of that name; it is refused everywhere within the key cache time."""
     # `-> None`: a 204 that documents no body (a Response return would document JSON).
     services = services_of(state)
     # A BadQuery (422) or an AmbiguousName (409) answers through the app's handler.

@@ -19,6 +19,7 @@ from vitalstore.telemetry import Telemetry
 
 @get("/health", summary="The process is up", **OPEN)
 async def health() -> dict[str, str]:
+    """Liveness: answers 200 whenever the process serves requests; needs no key."""
     return {"status": "ok"}
 
 
@@ -48,6 +49,9 @@ def _warnings(services: Services, policies: list[PolicyHealth] | None) -> list[s
 @get("/ready", summary="Database reachable, schema at head, ingest buffer not full",
      operation_class=RetryAfterOperation, responses=errors(503, s503=NotReady), **OPEN)
 async def ready(state: State) -> Response[dict[str, Any]]:
+    """Readiness: 200 when the database answers, its schema is at this code's head and the
+    ingest buffer has room; else 503 with the problems and Retry-After. Needs no key.
+    """
     services = services_of(state)
     problems = []
     # Installed without its migrations (a wheel), the service cannot know the head: it says so.
@@ -86,6 +90,10 @@ async def ready(state: State) -> Response[dict[str, Any]]:
 @get("/metrics", summary="Prometheus metrics (text format)", media_type=CONTENT_TYPE_LATEST,
      operation_class=RetryAfterOperation, responses=errors(401, 403), **METRICS)
 async def metrics_route(state: State) -> Response[bytes]:
+    """Prometheus text format: requests, flushes, buffer, pool and auth failure counters.
+
+    Needs a `read` key unless VITALSTORE_METRICS_OPEN=true.
+    """
     services = services_of(state)
     telemetry: Telemetry = services.telemetry
     telemetry.sample(services.batcher.buffered, services.pool)

@@ -26,6 +26,15 @@ from litestar.openapi.spec.enums import OpenAPIFormat
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+# The routes of the system we replace answer errors in its shape.
+COMPAT_PATH = "/vital-data"
+
+
+def error_body(path: str, message: Any) -> dict[str, Any]:
+    """`{"error": message}`, or `{"status": "error", "message": message}` under /vital-data."""
+    if path == COMPAT_PATH or path.startswith(COMPAT_PATH + "/"):
+        return {"status": "error", "message": message}
+    return {"error": message}
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
@@ -53,11 +62,6 @@ class CompatError(msgspec.Struct, omit_defaults=True):
     status: str
     message: str
     issues: list[Any] | None = None
-
-
-# The old API's routes answer their own 400 shape, except for a request with several API keys,
-# which access control refuses before any route runs.
-CompatOrAuthError = CompatError | ErrorBody
 
 
 _DESCRIPTIONS = {
