@@ -23,9 +23,9 @@ from vitalstore.api.common import (
     problem_handler,
 )
 from vitalstore.batcher import Batcher
-from vitalstore.fold import Fold
+from vitalstore.fold import fold_task
 from vitalstore.mqtt import MqttIngest
-from vitalstore.policies import APACHE_WARNING, Maintenance, has_columnstore
+from vitalstore.policies import APACHE_WARNING, has_columnstore, maintenance_task
 from vitalstore.problems import Problem
 from vitalstore.readings import Validator
 from vitalstore.services import Services
@@ -103,11 +103,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             )
             # TimescaleDB's scheduler runs the policies; only the Apache-only edition, which has
             # no policy jobs, needs retention applied from here.
-            maintenance = Maintenance(settings, pool)
+            maintenance = maintenance_task(settings, pool)
             if not columnstore:
                 maintenance.start()
             # Whatever the edition: the fold is vitalstore's, not a TimescaleDB job.
-            fold = Fold(settings, pool)
+            fold = fold_task(settings, pool)
             fold.start()
             if settings.mqtt_url:
                 services.mqtt = MqttIngest(settings, services)

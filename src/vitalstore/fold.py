@@ -10,15 +10,10 @@ that finds another one running skips its turn.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-
 import asyncpg
 
+from vitalstore.periodic import Periodic
 from vitalstore.settings import Settings
-
-log = logging.getLogger(__name__)
 
 # Revision 0006's pg_advisory_xact_lock key: one fold at a time, and none during a rebuild
 # slice (`vitalstore rollups rebuild` takes it too).
@@ -33,28 +28,10 @@ async def fold_now(conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT fold_rollups()")  # the lock is this session's: it folds
 
 
-class Fold:
+def fold_task(settings: Settings, pool: asyncpg.Pool) -> Periodic:
     """Folds every `rollup_fold_interval_s` in the background."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
-        self._settings = settings
-        self._pool = pool
-        self._task: asyncio.Task[None] | None = None
+    async def fold() -> None:
+        await pool.execute("SELECT fold_rollups()")
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="rollup-fold")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.rollup_fold_interval_s)
-            try:
-                await self._pool.execute("SELECT fold_rollups()")
-            except Exception:  # the task must outlive a failed fold; the next one retries
-                log.exception("rollup fold failed")
+    return Periodic("rollup fold", settings.rollup_fold_interval_s, fold)

@@ -15,8 +15,6 @@ and from `vitalstore maintenance run`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,6 +22,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from vitalstore.fold import fold_now
+from vitalstore.periodic import Periodic
 from vitalstore.settings import Settings, parse_duration
 
 log = logging.getLogger(__name__)
@@ -232,37 +231,18 @@ async def apply_retention(conn: asyncpg.Connection, settings: Settings,
         await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
 
 
-class Maintenance:
+def maintenance_task(settings: Settings, pool: asyncpg.Pool) -> Periodic:
     """Apache-only servers: applies retention every `maintenance_interval_s` in the background,
     first one interval after start (a run at start would race whatever a fresh process is asked
     to do first)."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
-        self._settings = settings
-        self._pool = pool
-        self._task: asyncio.Task[None] | None = None
+    async def retention() -> None:
+        async with pool.acquire() as conn:
+            dropped = await apply_retention(conn, settings)
+        if dropped:
+            log.info("retention: dropped chunks %s", dropped)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="maintenance")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.maintenance_interval_s)
-            try:
-                async with self._pool.acquire() as conn:
-                    dropped = await apply_retention(conn, self._settings)
-            except Exception:  # the task must outlive a failed run; the next one retries
-                log.exception("retention run failed")
-            else:
-                if dropped:
-                    log.info("retention: dropped chunks %s", dropped)
+    return Periodic("retention run", settings.maintenance_interval_s, retention)
 
 
 async def maintenance_command(settings: Settings) -> tuple[str, bool]:
